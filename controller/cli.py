@@ -1,0 +1,53 @@
+"""The `llmgate` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_fake_vllm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fake-vllm", help="run a fake vLLM OpenAI-compatible server (tests, demo, benchmarks)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", action="append", dest="models", metavar="NAME",
+                   help="served model name (repeatable); default: llama-3.1-8b-instruct")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay before the response starts")
+    p.add_argument("--stream-chunks", type=int, default=8, help="content chunks per streamed response")
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between streamed chunks")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered with a 500")
+    p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate decisions")
+
+
+def _add_proxy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("proxy", help="serve proxycore alone, like `litellm --config`")
+    p.add_argument("--config", required=True, help="LiteLLM-compatible config.yaml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4000)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--usage-log", default=None, help="append one JSON line per request to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fake_vllm(sub)
+    _add_proxy(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "fake-vllm":
+        from controller.fake_vllm import run_fake_vllm
+
+        return run_fake_vllm(args)
+    if args.command == "proxy":
+        from proxycore.serve import run_proxy
+
+        return run_proxy(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

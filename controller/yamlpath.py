@@ -1,0 +1,139 @@
+"""YAML values that know where they came from, so every config error can say file + path.
+
+`os.environ/VAR` is resolved wherever a scalar is read, as LiteLLM does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import yaml
+
+ENV_PREFIX = "os.environ/"
+
+
+class ConfigError(Exception):
+    """A config problem, told as `file: path: expected X, got Y; fix`."""
+
+    def __init__(self, file: str, path: str, expected: str, fix: str = "", got: str | None = None):
+        self.file, self.path, self.expected, self.fix, self.got = file, path, expected, fix, got
+        where = f"{file}: {path}" if path else file
+        msg = f"{where}: expected {expected}"
+        if got is not None:
+            msg += f", got {got}"
+        if fix:
+            msg += f"; {fix}"
+        super().__init__(msg)
+
+
+class Node:
+    """A value inside a YAML document, with its file and dotted path (`teams.team-a.keys[1]`)."""
+
+    __slots__ = ("file", "path", "value")
+
+    def __init__(self, file: str, path: str, value: Any):
+        self.file, self.path, self.value = file, path, value
+
+    # -- errors
+    def error(self, expected: str, fix: str = "", key: str | None = None, show_value: bool = True) -> ConfigError:
+        path = self._join(key) if key is not None else self.path
+        got = None
+        if show_value and key is None:
+            got = _describe(self.value)
+        return ConfigError(self.file, path, expected, fix, got)
+
+    # -- navigation
+    def _join(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def expect_mapping(self) -> None:
+        if not isinstance(self.value, dict):
+            raise self.error("a mapping (key: value lines)", "check the indentation")
+
+    def child(self, key: str) -> "Node":
+        self.expect_mapping()
+        return Node(self.file, self._join(key), self.value.get(key))
+
+    def get(self, key: str) -> "Node | None":
+        self.expect_mapping()
+        if self.value.get(key) is None:
+            return None
+        return Node(self.file, self._join(key), self.value[key])
+
+    def unknown_keys(self, allowed: set[str]) -> list[str]:
+        self.expect_mapping()
+        return [self._join(str(k)) for k in self.value if k not in allowed]
+
+    def mapping_items(self) -> Iterator[tuple[str, "Node"]]:
+        self.expect_mapping()
+        for k, v in self.value.items():
+            if not isinstance(k, str):
+                raise ConfigError(self.file, self._join(str(k)), "a string key", "quote the key")
+            yield k, Node(self.file, self._join(k), v)
+
+    def sequence_items(self) -> list["Node"]:
+        if not isinstance(self.value, list):
+            raise self.error("a list (lines starting with `- `)")
+        return [Node(self.file, self._join(i), v) for i, v in enumerate(self.value)]
+
+    # -- scalars
+    def scalar(self) -> Any:
+        v = self.value
+        if isinstance(v, str) and v.startswith(ENV_PREFIX):
+            name = v[len(ENV_PREFIX):]
+            if name not in os.environ:
+                raise ConfigError(self.file, self.path, f"environment variable {name} to be set",
+                                  f"export {name}=... before starting, or write the value in the file")
+            return os.environ[name]
+        return v
+
+    def scalar_of(self, check: Callable[[Any], Any]) -> Any:
+        v = self.scalar()
+        try:
+            return check(v)
+        except ValueError as exc:
+            raise ConfigError(self.file, self.path, str(exc), "", _describe(v, secret=self.value != v)) from None
+
+    def req(self, key: str, check: Callable[[Any], Any]) -> Any:
+        node = self.get(key)
+        if node is None:
+            raise ConfigError(self.file, self._join(key), "a value", f"add `{key}:`", "nothing")
+        return node.scalar_of(check)
+
+    def opt(self, key: str, check: Callable[[Any], Any], default: Any = None) -> Any:
+        node = self.get(key)
+        return default if node is None else node.scalar_of(check)
+
+
+def _describe(v: Any, secret: bool = False) -> str:
+    if secret:
+        return "the value of its environment variable"
+    if v is None:
+        return "nothing"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_yaml_file(path: str | os.PathLike[str]) -> Node:
+    """Parse a YAML file into a Node; a missing file or bad syntax is a ConfigError."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(name, "", "a readable file", f"check the path ({exc.strerror})") from None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(name, where, "valid YAML", f"fix the syntax ({problem})") from None
+    return Node(name, "", {} if value is None else value)

@@ -1,0 +1,648 @@
+"""proxycore: the OpenAI-compatible API in front of vLLM deployments.
+
+A chat completion reads top to bottom in `proxy_inference`: authenticate, read and check the
+body, pick a deployment (retrying and falling back), relay the answer, then log and count it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import os
+import random
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from controller.config import ProxyConfig
+from proxycore import metrics
+from proxycore.errors import error_response, upstream_error_message
+from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
+from proxycore.usage_log import UsageLog
+
+log = logging.getLogger("llmgate.proxy")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+_ERROR_BODY_LIMIT = 64 * 1024
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+_REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+@dataclass
+class Gateway:
+    """What the handlers read: the config, its routing groups, and the keys. Replaced whole on reload."""
+
+    config: ProxyConfig
+    groups: dict[str, ModelGroup]
+    master_key: bytes | None
+    internal_key: bytes | None
+    team_models: dict[str, frozenset[str] | None] = field(default_factory=dict)  # team -> allow-list (None: all)
+
+    @classmethod
+    def from_config(cls, config: ProxyConfig, internal_key: str | None = None) -> "Gateway":
+        return cls(
+            config=config,
+            groups=build_groups(config),
+            master_key=config.master_key.encode() if config.master_key else None,
+            internal_key=internal_key.encode() if internal_key else None,
+        )
+
+    def models_for(self, team: str | None) -> list[str]:
+        names = sorted(self.groups)
+        allowed = self.team_models.get(team) if team else None
+        return names if allowed is None else [n for n in names if n in allowed]
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+USAGE = web.AppKey("usage", UsageLog)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request as it moves through proxycore; becomes the usage-log line."""
+
+    request_id: str
+    kind: str
+    team: str | None
+    key_id: str | None
+    started: float
+    model: str | None = None
+    stream: bool = False
+    deployment: DeploymentState | None = None
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    retries: int = 0
+    fallback: str | None = None
+    error: str | None = None
+    holding: bool = False  # an attempt is counted in its deployment's in-flight
+
+
+class UpstreamFailure(Exception):
+    """Every deployment we could try failed; carries the answer for the client."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+# ---------------------------------------------------------------- auth
+
+def authenticate(request: web.Request, gw: Gateway) -> tuple[bool, str | None, str | None]:
+    """(ok, team, key_id). X-Team / X-Key-Id count only beside the internal key, i.e. from nginx."""
+    header = request.headers.get("Authorization", "")
+    if not header[:7].lower() == "bearer ":
+        return (gw.master_key is None, None, None)
+    token = header[7:].strip().encode("utf-8", "surrogateescape")
+    if gw.internal_key is not None and hmac.compare_digest(token, gw.internal_key):
+        h = request.headers
+        return (True, h.get("X-Team") or None, h.get("X-Key-Id") or None)
+    if gw.master_key is None or hmac.compare_digest(token, gw.master_key):
+        return (True, None, None)
+    return (False, None, None)
+
+
+def _unauthorized() -> web.Response:
+    return error_response(401, "Invalid or missing API key. Send `Authorization: Bearer <key>`.", "invalid_api_key")
+
+
+def _request_id(request: web.Request) -> str:
+    rid = request.headers.get("X-Request-ID")
+    if rid and _REQUEST_ID_OK.fullmatch(rid):
+        return rid
+    return os.urandom(16).hex()
+
+
+# ---------------------------------------------------------------- the inference path
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "completions")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "embeddings")
+
+
+async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse:
+    app = request.app
+    gw = app[GATEWAY]
+    ok, team, key_id = authenticate(request, gw)
+    ex = Exchange(_request_id(request), kind, team, key_id, time.monotonic())
+    rid_header = {"X-Request-ID": ex.request_id}
+    try:
+        if not ok:
+            ex.status, ex.error = 401, "invalid_api_key"
+            return _unauthorized()
+        body, problem = await _read_body(request, kind, gw)
+        if problem is not None:
+            ex.status, ex.error = problem.status, "invalid_request"
+            problem.headers.update(rid_header)
+            return problem
+        ex.model = body["model"]
+        ex.stream = body.get("stream") is True
+        group = gw.groups.get(ex.model)
+        allowed = gw.team_models.get(team) if team else None
+        if group is None:
+            ex.status, ex.error = 404, "model_not_found"
+            return error_response(404, f"The model `{ex.model}` does not exist. Available models: "
+                                  f"{', '.join(gw.models_for(team)) or 'none'}.", "model_not_found", "model",
+                                  headers=rid_header)
+        if allowed is not None and ex.model not in allowed:
+            ex.status, ex.error = 403, "model_not_allowed"
+            return error_response(403, f"Team `{team}` may not use model `{ex.model}`. Allowed: "
+                                  f"{', '.join(sorted(allowed)) or 'none'}.", "model_not_allowed", "model",
+                                  headers=rid_header)
+        if ex.stream:
+            return await _relay_stream(request, gw, body, group, ex)
+        return await _relay_unary(request, gw, body, group, ex)
+    except UpstreamFailure as failure:
+        ex.status, ex.error = failure.status, failure.code
+        headers = dict(rid_header)
+        if failure.headers:
+            headers.update(failure.headers)
+        return error_response(failure.status, failure.message, failure.code, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        ex.status, ex.error = 499, "client_closed_request"  # nginx's name for it
+        raise
+    finally:
+        _release(ex, answered=ex.status == 200)
+        _record(app, ex)
+
+
+async def _read_body(request: web.Request, kind: str, gw: Gateway) -> tuple[dict, web.Response | None]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit_mb = gw.config.max_request_bytes / (1024 * 1024)
+        return {}, error_response(413, f"Request body is larger than the limit of {limit_mb:g} MB "
+                                  "(general_settings.max_request_size_mb).", "request_too_large")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return {}, error_response(400, f"The body is not valid UTF-8 JSON: {exc}.", "invalid_json")
+    if not isinstance(body, dict):
+        return {}, error_response(400, "The body must be a JSON object.", "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return {}, error_response(400, "`model` is required and must be a string.", "invalid_type", "model")
+    required = _REQUIRED_FIELD[kind]
+    value = body.get(required)
+    if kind == "chat":
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+            return {}, error_response(400, "`messages` must be a non-empty list of message objects.",
+                                      "invalid_type", "messages")
+    elif not isinstance(value, (str, list)) or isinstance(value, list) and not value:
+        return {}, error_response(400, f"`{required}` is required and must be a string or a non-empty list.",
+                                  "invalid_type", required)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return {}, error_response(400, "`stream` must be true or false.", "invalid_type", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return {}, error_response(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        v = body.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            return {}, error_response(400, f"`{name}` must be a non-negative integer.", "invalid_type", name)
+    return body, None
+
+
+def _attempt_plan(gw: Gateway, group: ModelGroup) -> list[ModelGroup]:
+    """The model group, then its fallbacks in order."""
+    plan = [group]
+    for name in gw.config.router.fallbacks.get(group.name, ()):
+        fb = gw.groups.get(name)
+        if fb is not None and fb is not group:
+            plan.append(fb)
+    return plan
+
+
+def _hold(ex: Exchange, dep: DeploymentState, now: float) -> None:
+    dep.started(now)
+    metrics.IN_FLIGHT.labels(dep.d.id).inc()
+    ex.deployment, ex.holding = dep, True
+
+
+def _release(ex: Exchange, answered: bool) -> None:
+    """End the current attempt's accounting at its deployment (exactly once per attempt)."""
+    if not ex.holding:
+        return
+    ex.holding = False
+    dep = ex.deployment
+    assert dep is not None
+    dep.finished(time.monotonic(), ex.ttft_s if answered else None, ex.prompt_tokens + ex.completion_tokens)
+    metrics.IN_FLIGHT.labels(dep.d.id).dec()
+
+
+def _attempt_failed(gw: Gateway, ex: Exchange, kind: str) -> None:
+    _release(ex, answered=False)
+    dep = ex.deployment
+    assert dep is not None
+    metrics.BACKEND_ERRORS.labels(dep.d.id, kind).inc()
+    r = gw.config.router
+    if dep.failed(time.monotonic(), r.allowed_fails, r.cooldown_time):
+        metrics.DEPLOYMENT_UP.labels(dep.d.id).set(0)
+
+
+async def _call_upstream(request: web.Request, gw: Gateway, body: dict, group: ModelGroup,
+                         ex: Exchange) -> tuple[aiohttp.ClientResponse, bytes | None]:
+    """POST to deployments until one answers with a status we pass on (not 5xx, not 429).
+
+    Non-streaming bodies are read here too, so a response that breaks off is retried as well:
+    nothing has reached the client yet. Streams return with the body unread.
+    """
+    session = request.app[HTTP]
+    router = gw.config.router
+    strategy = router.routing_strategy
+    last: UpstreamFailure | None = None
+    for plan_index, g in enumerate(_attempt_plan(gw, group)):
+        tried: set[DeploymentState] = set()
+        allowed: int | None = None
+        for attempt in itertools.count():
+            now = time.monotonic()
+            dep = pick_deployment(g, strategy, tried, now) or pick_deployment(g, strategy, frozenset(), now)
+            if dep is None:
+                last = last or UpstreamFailure(
+                    503, f"No deployment of `{g.name}` is available (all cooling down after failures); retry shortly.",
+                    "no_deployment_available", {"Retry-After": str(max(1, round(router.cooldown_time)))})
+                break
+            if allowed is None:
+                allowed = 1 + (dep.d.max_retries if dep.d.max_retries is not None else router.num_retries)
+            if attempt >= allowed:
+                break
+            if last is not None:
+                ex.retries += 1
+                delay = max(router.retry_after, _BACKOFF_BASE_S * 2 ** (ex.retries - 1))
+                await asyncio.sleep(min(_BACKOFF_CAP_S, delay) * random.uniform(0.5, 1.0))
+                now = time.monotonic()
+            tried.add(dep)
+            ex.fallback = g.name if plan_index else None
+            body["model"] = dep.d.upstream_model
+            headers = dict(dep.headers)
+            headers["X-Request-ID"] = ex.request_id
+            _hold(ex, dep, now)
+            try:
+                resp = await session.post(dep.urls[ex.kind], data=orjson.dumps(body), headers=headers,
+                                          timeout=dep.stream_timeout if ex.stream else dep.unary_timeout)
+                if resp.status >= 500 or resp.status == 429:
+                    last = await _failure_from_status(resp, dep, g)
+                    _attempt_failed(gw, ex, "status_429" if resp.status == 429 else "status_5xx")
+                    continue
+                if ex.stream:
+                    return resp, None
+                try:
+                    raw = await resp.read()
+                finally:
+                    resp.release()
+                return resp, raw
+            except asyncio.TimeoutError:
+                last = UpstreamFailure(504, f"Deployment `{dep.d.id}` of `{g.name}` timed out before answering.",
+                                       "backend_timeout")
+                _attempt_failed(gw, ex, "timeout")
+            except aiohttp.ClientError as exc:
+                last = UpstreamFailure(503, f"Could not reach deployment `{dep.d.id}` of `{g.name}`: "
+                                       f"{type(exc).__name__}.", "backend_unreachable")
+                _attempt_failed(gw, ex, "connect")
+    assert last is not None
+    raise last
+
+
+async def _failure_from_status(resp: aiohttp.ClientResponse, dep: DeploymentState, g: ModelGroup) -> UpstreamFailure:
+    try:
+        raw = await resp.content.read(_ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        raw = b""
+    finally:
+        resp.release()
+    message, _, _ = upstream_error_message(raw)
+    if resp.status == 429:
+        return UpstreamFailure(429, f"Every deployment of `{g.name}` is busy: {message}", "rate_limit_exceeded",
+                               {"Retry-After": resp.headers.get("Retry-After", "1")})
+    return UpstreamFailure(502, f"Deployment `{dep.d.id}` of `{g.name}` failed with {resp.status}: {message}",
+                           "backend_error")
+
+
+def _passthrough_error(resp_status: int, raw: bytes, ex: Exchange) -> web.Response:
+    """A backend's own 4xx (bad parameters and the like), reshaped as an OpenAI error."""
+    message, type_, param = upstream_error_message(raw)
+    ex.status, ex.error = resp_status, "backend_rejected"
+    return error_response(resp_status, message, None, param, type_, headers={"X-Request-ID": ex.request_id})
+
+
+async def _relay_unary(request: web.Request, gw: Gateway, body: dict, group: ModelGroup, ex: Exchange) -> web.Response:
+    resp, raw = await _call_upstream(request, gw, body, group, ex)
+    assert raw is not None
+    ex.ttft_s = time.monotonic() - ex.started
+    if resp.status != 200:
+        return _passthrough_error(resp.status, raw, ex)
+    try:
+        usage = orjson.loads(raw).get("usage") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        _attempt_failed(gw, ex, "invalid_response")
+        raise UpstreamFailure(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
+                              "backend_invalid_response") from None
+    _take_usage(ex, usage)
+    ex.status = 200
+    return web.Response(body=raw, headers={"Content-Type": resp.headers.get("Content-Type", "application/json"),
+                                           "X-Request-ID": ex.request_id})
+
+
+async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: ModelGroup,
+                        ex: Exchange) -> web.StreamResponse:
+    options = body.get("stream_options") or {}
+    strip_usage = options.get("include_usage") is not True
+    if strip_usage:
+        # Ask for usage so that we can log it; the client never sees the extra chunk.
+        body["stream_options"] = {**options, "include_usage": True}
+    resp, _ = await _call_upstream(request, gw, body, group, ex)
+    try:
+        if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            raw = await resp.read()
+            if resp.status == 200:
+                _attempt_failed(gw, ex, "invalid_response")
+                raise UpstreamFailure(502, f"Deployment `{ex.deployment.d.id}` answered a stream request "
+                                      "without an event stream.", "backend_invalid_response")
+            return _passthrough_error(resp.status, raw, ex)
+        out = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-ID": ex.request_id})
+        await out.prepare(request)
+        ex.status = 200
+        pending = b""
+        saw_done = False
+        try:
+            async for chunk in resp.content.iter_any():
+                if ex.ttft_s is None:
+                    ex.ttft_s = time.monotonic() - ex.started
+                data = pending + chunk if pending else chunk
+                end = data.rfind(b"\n\n")
+                if end < 0:
+                    pending = data  # hold an incomplete event so the usage chunk can be recognised whole
+                    continue
+                end += 2
+                events, pending = data[:end], data[end:]
+                if b'"usage":{' in events:
+                    events = _take_stream_usage(events, ex, strip_usage)
+                if b"data: [DONE]" in events:
+                    saw_done = True
+                if events:
+                    await out.write(events)
+            if pending:
+                await out.write(pending)
+                saw_done = saw_done or b"data: [DONE]" in pending
+            if not saw_done:
+                raise aiohttp.ClientPayloadError("the stream ended without data: [DONE]")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # Bytes already reached the client: no retry, and never a fake [DONE].
+            ex.status, ex.error = 502, "backend_stream_broken"
+            metrics.BACKEND_ERRORS.labels(ex.deployment.d.id, "stream_broken").inc()
+            message = f"The backend stream from deployment `{ex.deployment.d.id}` broke off: {type(exc).__name__}."
+            await out.write(b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error",
+                                                                 "param": None, "code": 502}}) + b"\n\n")
+        await out.write_eof()
+        return out
+    finally:
+        resp.close()  # on a client disconnect this drops the upstream connection, so vLLM aborts the request
+
+
+def _take_stream_usage(events: bytes, ex: Exchange, strip_usage: bool) -> bytes:
+    """Capture usage from the usage-only chunk (`"choices":[]`); drop that chunk if we added it."""
+    kept = []
+    for event in events.split(b"\n\n"):
+        if event.startswith(b"data: {") and b'"usage":{' in event:
+            try:
+                payload = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                kept.append(event)
+                continue
+            usage = payload.get("usage") if isinstance(payload, dict) else None
+            if isinstance(usage, dict):
+                _take_usage(ex, usage)
+            if strip_usage and payload.get("choices") == []:
+                continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
+def _take_usage(ex: Exchange, usage: dict) -> None:
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    ex.prompt_tokens = p if isinstance(p, int) else 0
+    ex.completion_tokens = c if isinstance(c, int) else 0
+
+
+def _record(app: web.Application, ex: Exchange) -> None:
+    """One usage-log line and the request metrics; off the client's path (after the answer is built)."""
+    now = time.monotonic()
+    latency = now - ex.started
+    team = ex.team or ""
+    model = ex.model or ""
+    dep = ex.deployment.d if ex.deployment is not None else None
+    cost = 0.0
+    if dep is not None:
+        cost = ex.prompt_tokens * dep.input_cost_per_token + ex.completion_tokens * dep.output_cost_per_token
+    metrics.REQUESTS.labels(team, model, str(ex.status)).inc()
+    metrics.DURATION.labels(team, model).observe(latency)
+    if ex.ttft_s is not None and ex.stream:
+        metrics.TTFT.labels(team, model).observe(ex.ttft_s)
+    if ex.prompt_tokens or ex.completion_tokens:
+        metrics.INPUT_TOKENS.labels(team, model).inc(ex.prompt_tokens)
+        metrics.OUTPUT_TOKENS.labels(team, model).inc(ex.completion_tokens)
+        if cost:
+            metrics.COST.labels(team, model).inc(cost)
+    usage = app.get(USAGE)
+    if usage is None:
+        return
+    usage.write({
+        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "request_id": ex.request_id,
+        "team": ex.team,
+        "key_id": ex.key_id,
+        "model": ex.model,
+        "endpoint": ex.kind,
+        "deployment": dep.id if dep else None,
+        "status": ex.status,
+        "stream": ex.stream,
+        "prompt_tokens": ex.prompt_tokens,
+        "completion_tokens": ex.completion_tokens,
+        "total_tokens": ex.prompt_tokens + ex.completion_tokens,
+        "cost": round(cost, 10),
+        "latency_ms": round(latency * 1000, 3),
+        "ttft_ms": round(ex.ttft_s * 1000, 3) if ex.ttft_s is not None else None,
+        "retries": ex.retries,
+        "fallback": ex.fallback,
+        "error": ex.error,
+    })
+
+
+# ---------------------------------------------------------------- models, health, metrics
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "llmgate"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ok, team, _ = authenticate(request, gw)
+    if not ok:
+        return _unauthorized()
+    created = int(request.app[STARTED])
+    data = [_model_card(n, created) for n in gw.models_for(team)]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ok, team, _ = authenticate(request, gw)
+    if not ok:
+        return _unauthorized()
+    name = request.match_info["model"]
+    if name not in gw.models_for(team):
+        return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
+    return web.Response(body=orjson.dumps(_model_card(name, int(request.app[STARTED]))),
+                        content_type="application/json")
+
+
+async def liveliness(request: web.Request) -> web.Response:
+    return web.json_response("I'm alive!")  # LiteLLM's exact answer, which probes may match on
+
+
+async def readiness(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    up = sum(1 for g in gw.groups.values() for s in g.members if s.up)
+    status = 200 if up else 503
+    return web.json_response({"status": "healthy" if up else "unhealthy", "deployments_up": up}, status=status)
+
+
+async def health(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ok, _, _ = authenticate(request, gw)
+    if not ok:
+        return _unauthorized()
+    healthy, unhealthy = [], []
+    now = time.monotonic()
+    for g in gw.groups.values():
+        for s in g.members:
+            entry = {"model": g.name, "deployment": s.d.id, "api_base": s.d.api_base,
+                     "upstream_model": s.d.upstream_model, "in_flight": s.in_flight,
+                     "latency_ms": round(s.latency_s * 1000, 3) if s.latency_s is not None else None,
+                     "recent_failures": len(s.fail_times)}
+            if s.up:
+                healthy.append(entry)
+            else:
+                entry["retry_in_s"] = round(max(0.0, s.down_until - now), 3)
+                unhealthy.append(entry)
+    return web.json_response({"healthy_endpoints": healthy, "unhealthy_endpoints": unhealthy,
+                              "healthy_count": len(healthy), "unhealthy_count": len(unhealthy)})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(404, f"No route for {request.method} {request.path}. The API is under /v1 "
+                          "(chat/completions, completions, embeddings, models).", "not_found")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Last line of defence: a bug answers a JSON 500, never a traceback or an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        return error_response(exc.status, exc.reason, None)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "Internal error in llmgate; the details are in its log.", "internal_error")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = metrics.render_metrics()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _health_checks(app: web.Application) -> None:
+    """Probe deployments out of rotation once their cooldown is over; bring back those that answer."""
+    session = app[HTTP]
+    last_full = time.monotonic()
+    while True:
+        await asyncio.sleep(0.5)
+        gw = app[GATEWAY]
+        now = time.monotonic()
+        full = now - last_full >= gw.config.health_check_interval
+        if full:
+            last_full = now
+        for g in gw.groups.values():
+            for s in g.members:
+                if (not s.up and now >= s.down_until) or full:
+                    asyncio.ensure_future(_probe(app, session, s))
+
+
+async def _probe(app: web.Application, session: aiohttp.ClientSession, s: DeploymentState) -> None:
+    try:
+        async with session.get(s.urls["models"], headers=s.headers, timeout=aiohttp.ClientTimeout(total=5)) as r:
+            healthy = r.status == 200
+            await r.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        healthy = False
+    r = app[GATEWAY].config.router
+    if healthy:
+        if not s.up:
+            s.recovered()
+    elif s.up:
+        s.failed(time.monotonic(), r.allowed_fails, r.cooldown_time)
+    else:
+        s.down_until = time.monotonic() + r.cooldown_time
+    metrics.DEPLOYMENT_UP.labels(s.d.id).set(1 if s.up else 0)
+
+
+# ---------------------------------------------------------------- the app
+
+STARTED = web.AppKey("started", float)
+
+
+async def _client_session(app: web.Application):
+    ssl_verify = app[GATEWAY].config.ssl_verify
+    tls: bool | ssl.SSLContext = ssl_verify if isinstance(ssl_verify, bool) else ssl.create_default_context(cafile=ssl_verify)
+    connector = aiohttp.TCPConnector(limit=0, ssl=tls, ttl_dns_cache=300, keepalive_timeout=30)
+    app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+    for g in app[GATEWAY].groups.values():
+        for s in g.members:
+            metrics.DEPLOYMENT_UP.labels(s.d.id).set(1)
+    checker = asyncio.ensure_future(_health_checks(app))
+    yield
+    checker.cancel()
+    await app[HTTP].close()
+
+
+def make_app(config: ProxyConfig, *, internal_key: str | None = None, usage_log: UsageLog | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[json_errors])
+    app[GATEWAY] = Gateway.from_config(config, internal_key)
+    app[STARTED] = time.time()
+    if usage_log is not None:
+        app[USAGE] = usage_log
+    app.cleanup_ctx.append(_client_session)
+    r = app.router
+    for prefix in ("/v1", ""):
+        r.add_post(prefix + "/chat/completions", chat_completions)
+        r.add_post(prefix + "/completions", completions)
+        r.add_post(prefix + "/embeddings", embeddings)
+        r.add_get(prefix + "/models", list_models)
+        r.add_get(prefix + "/models/{model:.+}", get_model)
+    r.add_get("/health/liveliness", liveliness)
+    r.add_get("/health/liveness", liveliness)
+    r.add_get("/health/readiness", readiness)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_route("*", "/{tail:.*}", not_found)
+    return app

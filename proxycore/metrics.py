@@ -1,0 +1,39 @@
+"""Prometheus metrics of proxycore, prefixed `llmgate_`.
+
+With several workers, `llmgate proxy` sets PROMETHEUS_MULTIPROC_DIR before any worker imports
+prometheus_client, so every worker writes its values there and /metrics sums the whole group.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+REQUESTS = Counter("llmgate_requests", "Requests by team, model and status", ["team", "model", "status"])
+DURATION = Histogram("llmgate_request_duration_seconds", "Time from request to last byte", ["team", "model"],
+                     buckets=_LATENCY_BUCKETS)
+TTFT = Histogram("llmgate_ttft_seconds", "Time to first streamed byte", ["team", "model"], buckets=_TTFT_BUCKETS)
+INPUT_TOKENS = Counter("llmgate_input_tokens", "Prompt tokens", ["team", "model"])
+OUTPUT_TOKENS = Counter("llmgate_output_tokens", "Completion tokens", ["team", "model"])
+COST = Counter("llmgate_cost_usd", "Cost in USD from model_info prices", ["team", "model"])
+BACKEND_ERRORS = Counter("llmgate_backend_errors", "Failed attempts at a deployment", ["deployment", "kind"])
+IN_FLIGHT = Gauge("llmgate_requests_in_flight", "Requests in flight per deployment", ["deployment"],
+                  multiprocess_mode="livesum")
+DEPLOYMENT_UP = Gauge("llmgate_deployment_up", "1 when the deployment is in rotation", ["deployment"],
+                      multiprocess_mode="livemin")
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's when multiprocess is on."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

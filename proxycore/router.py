@@ -1,0 +1,148 @@
+"""Routing: model groups of weighted deployments, the strategies that pick one, and cooldown."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import aiohttp
+import yarl
+
+from controller.config import Deployment, ProxyConfig
+
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+                  "models": "/models"}
+FAIL_WINDOW_S = 60.0
+_RNG = random.Random()
+LATENCY_EXPLORE = 0.1  # share of latency-based picks that go to a random deployment, to keep measurements fresh
+
+
+class DeploymentState:
+    """A deployment plus what the router learns about it while serving."""
+
+    __slots__ = ("d", "urls", "headers", "unary_timeout", "stream_timeout", "in_flight", "latency_s",
+                 "minute", "minute_requests", "minute_tokens", "fail_times", "down_until", "up")
+
+    def __init__(self, d: Deployment):
+        self.d = d
+        self.urls = {kind: yarl.URL(d.api_base + path) for kind, path in ENDPOINT_PATHS.items()}
+        self.headers = {"Content-Type": "application/json"}
+        if d.api_key:
+            self.headers["Authorization"] = f"Bearer {d.api_key}"
+        connect = min(d.timeout, 10.0)
+        self.unary_timeout = aiohttp.ClientTimeout(total=d.timeout, sock_connect=connect)
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect,
+                                                    sock_read=d.stream_timeout or d.timeout)
+        self.in_flight = 0
+        self.latency_s: float | None = None  # moving average of time to first byte
+        self.minute = 0
+        self.minute_requests = 0
+        self.minute_tokens = 0
+        self.fail_times: deque[float] = deque()
+        self.down_until = 0.0
+        self.up = True
+
+    # -- accounting
+    def _roll_minute(self, now: float) -> None:
+        m = int(now // 60)
+        if m != self.minute:
+            self.minute, self.minute_requests, self.minute_tokens = m, 0, 0
+
+    def started(self, now: float) -> None:
+        self._roll_minute(now)
+        self.in_flight += 1
+        self.minute_requests += 1
+
+    def finished(self, now: float, first_byte_s: float | None, tokens: int) -> None:
+        self.in_flight -= 1
+        self._roll_minute(now)
+        self.minute_tokens += tokens
+        if first_byte_s is not None:
+            self.latency_s = first_byte_s if self.latency_s is None else 0.8 * self.latency_s + 0.2 * first_byte_s
+
+    def under_limits(self, now: float) -> bool:
+        self._roll_minute(now)
+        d = self.d
+        return (d.rpm is None or self.minute_requests < d.rpm) and (d.tpm is None or self.minute_tokens < d.tpm)
+
+    # -- health
+    def failed(self, now: float, allowed_fails: int, cooldown_s: float) -> bool:
+        """Count a failure; return True when this one took the deployment out of rotation."""
+        times = self.fail_times
+        times.append(now)
+        while times and now - times[0] > FAIL_WINDOW_S:
+            times.popleft()
+        if self.up and len(times) >= allowed_fails:
+            self.up = False
+            self.down_until = now + cooldown_s
+            return True
+        return False
+
+    def recovered(self) -> None:
+        self.up = True
+        self.fail_times.clear()
+
+
+@dataclass
+class ModelGroup:
+    name: str
+    tiers: list[list[DeploymentState]]  # by `order`, most preferred first
+
+    @property
+    def members(self) -> list[DeploymentState]:
+        return [s for tier in self.tiers for s in tier]
+
+
+def build_groups(config: ProxyConfig) -> dict[str, ModelGroup]:
+    by_name: dict[str, list[DeploymentState]] = {}
+    for d in config.deployments:
+        by_name.setdefault(d.model_name, []).append(DeploymentState(d))
+    groups = {}
+    for name, states in by_name.items():
+        orders = sorted({s.d.order if s.d.order is not None else math.inf for s in states})
+        tiers = [[s for s in states if (s.d.order if s.d.order is not None else math.inf) == o] for o in orders]
+        groups[name] = ModelGroup(name, tiers)
+    return groups
+
+
+def _weights(candidates: list[DeploymentState]) -> list[float] | None:
+    """simple-shuffle weights: `weight`, else `rpm`, else `tpm`, else uniform (None)."""
+    for attr in ("weight", "rpm", "tpm"):
+        if any(getattr(s.d, attr) is not None for s in candidates):
+            values = [getattr(s.d, attr) for s in candidates]
+            known = [v for v in values if v is not None]
+            fill = sum(known) / len(known)  # an entry without the field counts as an average one
+            return [v if v is not None else fill for v in values]
+    return None
+
+
+def pick_deployment(group: ModelGroup, strategy: str, exclude: set[DeploymentState] | frozenset = frozenset(),
+                    now: float | None = None, rng: random.Random | None = None) -> DeploymentState | None:
+    """The deployment for the next attempt, or None when every one is excluded, cooling down or at its limit."""
+    if now is None:
+        now = time.monotonic()
+    rng = rng or _RNG
+    usage_based = strategy.startswith("usage-based")
+    for tier in group.tiers:
+        candidates = [s for s in tier if s.up and s not in exclude and (not usage_based or s.under_limits(now))]
+        if not candidates:
+            continue
+        if len(candidates) == 1:
+            return candidates[0]
+        if strategy == "simple-shuffle":
+            weights = _weights(candidates)
+            return rng.choices(candidates, weights)[0] if weights else rng.choice(candidates)
+        if strategy == "least-busy":
+            low = min(s.in_flight for s in candidates)
+            return rng.choice([s for s in candidates if s.in_flight == low])
+        if strategy == "latency-based-routing":
+            if rng.random() < LATENCY_EXPLORE:
+                return rng.choice(candidates)
+            return min(candidates, key=lambda s: s.latency_s or 0.0)
+        # usage-based-routing(-v2): least tokens this minute
+        low = min(s.minute_tokens for s in candidates)
+        return rng.choice([s for s in candidates if s.minute_tokens == low])
+    return None
