@@ -17,6 +17,7 @@ def _add_fake_vllm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between streamed chunks")
     p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered with a 500")
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate decisions")
+    p.add_argument("--api-key", default=None, help="require this bearer key, like `vllm serve --api-key`")
 
 
 def _add_proxy(sub: argparse._SubParsersAction) -> None:
@@ -28,11 +29,24 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--usage-log", default=None, help="append one JSON line per request to this file")
 
 
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the whole gateway, supervised (demo backends when no vLLM answers)")
+    p.add_argument("--config", default="config.yaml", help="LiteLLM-compatible config.yaml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--usage-log", default=None)
+    p.add_argument("--run-dir", default="run", help="runtime files: generated secrets, rendered config")
+    p.add_argument("--demo", choices=("auto", "never"), default="auto",
+                   help="auto: start fake-vllm on loopback api_base ports where nothing listens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_fake_vllm(sub)
     _add_proxy(sub)
+    _add_up(sub)
     return parser
 
 
@@ -46,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from proxycore.serve import run_proxy
 
         return run_proxy(args)
+    if args.command == "up":
+        from controller.up import run_up
+
+        return run_up(args)
     raise AssertionError(args.command)
 
 

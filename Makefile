@@ -1,0 +1,35 @@
+# Two commands on a fresh Debian machine, as root: `make up` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+APT    := DEBIAN_FRONTEND=noninteractive apt-get
+
+.PHONY: up test bench venv system-deps clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv python3-pip; }
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# nginx with the njs module (issue: the edge); installed only when missing.
+system-deps:
+	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] || [ ! -e /usr/lib/nginx/modules/ngx_http_js_module.so ]; then \
+		$(APT) update -qq && $(APT) install -y -qq nginx libnginx-mod-http-js; \
+	fi
+
+up: venv system-deps
+	$(BIN)/llmgate up --config compose/config.yaml
+
+test: venv system-deps
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python bench/bench_proxy.py
+
+clean:
+	rm -rf $(VENV) run build *.egg-info

@@ -1,0 +1,131 @@
+"""Shared fixtures: real processes on loopback, started through the real `llmgate` CLI, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LLMGATE = [sys.executable, "-m", "controller.cli"]
+MASTER_KEY = "sk-test-master-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A child process whose output is collected; ready once a line matches `ready`."""
+
+    def __init__(self, args: list[str], ready: str, env: dict[str, str] | None = None, timeout: float = 15.0,
+                 cwd: Path = ROOT):
+        self.args = args
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._pattern = re.compile(ready)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})}, cwd=cwd, bufsize=1)
+        self.pid = self.proc.pid
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"{args} did not become ready in {timeout}s; output:\n{self.output}")
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self._pattern.search(line):
+                self._ready.set()
+        self._ready.set()  # exited: let the waiter see the output
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+@pytest.fixture
+def spawn() -> Callable[..., Service]:
+    """Start services for one test; every one is stopped by PID at the end."""
+    started: list[Service] = []
+
+    def start(args: list[str], ready: str, **kw) -> Service:
+        svc = Service(args, ready, **kw)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in reversed(started):
+        svc.stop()
+
+
+def start_fake_vllm(spawn, *extra: str, model: str = "llama-3.1-8b-instruct", port: int | None = None) -> tuple[Service, str]:
+    """A fake vLLM server; returns it and its base URL (with /v1)."""
+    port = port or free_port()
+    svc = spawn([*LLMGATE, "fake-vllm", "--port", str(port), "--model", model, *extra], r"listening on")
+    return svc, f"http://127.0.0.1:{port}/v1"
+
+
+def write_config(path: Path, deployments: list[dict], router: dict | None = None, general: dict | None = None) -> Path:
+    """A LiteLLM-style config.yaml from deployment dicts {model_name, api_base, model?, ...params}."""
+    import yaml
+
+    model_list = []
+    for d in deployments:
+        d = dict(d)
+        entry = {"model_name": d.pop("model_name")}
+        info = d.pop("model_info", None)
+        params = {"model": d.pop("model", "hosted_vllm/llama-3.1-8b-instruct"), "api_key": d.pop("api_key", "")}
+        params.update(d)
+        entry["litellm_params"] = params
+        if info:
+            entry["model_info"] = info
+        model_list.append(entry)
+    doc: dict = {"model_list": model_list, "general_settings": {"master_key": MASTER_KEY, **(general or {})}}
+    if router:
+        doc["router_settings"] = router
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def start_proxy(spawn, config: Path, *extra: str, env: dict[str, str] | None = None,
+                port: int | None = None) -> tuple[Service, str]:
+    """`llmgate proxy`; returns it and its base URL (without /v1)."""
+    port = port or free_port()
+    svc = spawn([*LLMGATE, "proxy", "--config", str(config), "--port", str(port), *extra], r"listening on", env=env)
+    if svc.proc.poll() is not None:
+        raise RuntimeError(f"proxy exited: {svc.output}")
+    return svc, f"http://127.0.0.1:{port}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
