@@ -24,16 +24,18 @@ import hashlib
 import hmac
 import os
 import random
+import signal
 import struct
 import sys
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import orjson
+import uvloop
 from aiohttp import web
 
 DEFAULT_MODEL = "llama-3.1-8b-instruct"
@@ -91,7 +93,7 @@ class FakeStats:
 @dataclass(frozen=True)
 class RecordedRequest:
     path: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # the request's own read-only headers; copied only when /fake/last is read
     raw_body: bytes  # parsed only when /fake/last is read, to keep the hot path lean
     ts: float
 
@@ -142,7 +144,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _request_error(field_name: str, kind: str, msg: str, param: str | None = None) -> ApiError:
     # FastAPI's RequestValidationError as vLLM renders it: 400, type "Bad Request", pydantic's words.
-    return ApiError(400, f"[{{'type': '{kind}', 'loc': ('body', '{field_name}'), 'msg': '{msg}'}}]", "Bad Request", param)
+    message = f"[{{'type': '{kind}', 'loc': ('body', '{field_name}'), 'msg': '{msg}'}}]"
+    return ApiError(400, message, "Bad Request", param)
 
 
 def _bad_request(message: str, param: str | None = None) -> ApiError:
@@ -163,7 +166,9 @@ def _int_field(body: dict, name: str, default: int | None = None) -> int | None:
         try:
             return int(value.strip())
         except ValueError:
-            raise _request_error(name, "int_parsing", "Input should be a valid integer, unable to parse string as an integer") from None
+            raise _request_error(
+                name, "int_parsing", "Input should be a valid integer, unable to parse string as an integer"
+            ) from None
     raise _request_error(name, "int_type", "Input should be a valid integer")
 
 
@@ -177,12 +182,14 @@ def _float_field(body: dict, name: str) -> float | None:
         try:
             return float(value.strip())
         except ValueError:
-            raise _request_error(name, "float_parsing", "Input should be a valid number, unable to parse string as a number") from None
+            raise _request_error(
+                name, "float_parsing", "Input should be a valid number, unable to parse string as a number"
+            ) from None
     raise _request_error(name, "float_type", "Input should be a valid number")
 
 
 _TRUE_STRINGS = frozenset({"true", "t", "yes", "y", "on", "1"})
-_FALSE_STRINGS = frozenset({"false", "f", "no", "n", "off", "0"})
+_BOOL_STRINGS = _TRUE_STRINGS | {"false", "f", "no", "n", "off", "0"}
 
 
 def _bool_field(body: dict, name: str) -> bool:
@@ -191,7 +198,7 @@ def _bool_field(body: dict, name: str) -> bool:
         return bool(value)
     if type(value) is int and value in (0, 1):
         return bool(value)
-    if type(value) is str and value.lower() in _TRUE_STRINGS | _FALSE_STRINGS:
+    if type(value) is str and value.lower() in _BOOL_STRINGS:
         return value.lower() in _TRUE_STRINGS
     raise _request_error(name, "bool_type", "Input should be a valid boolean")
 
@@ -202,7 +209,7 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
     if options is None:
         return False, False
     if not isinstance(options, dict):
-        raise _request_error("stream_options", "model_type", "Input should be a valid dictionary or instance of StreamOptions")
+        raise _request_error("stream_options", "model_type", "Input should be a valid dictionary")
     if options and not stream:
         raise _request_error(
             "stream_options", "value_error",
@@ -222,8 +229,10 @@ def _sampling_checks(body: dict) -> int:
     top_p = _float_field(body, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise _bad_request(f"top_p must be in (0, 1], got {top_p}.", "top_p")
-    n = _int_field(body, "n", 1)
-    if n is None or n < 1:
+    n = _int_field(body, "n")
+    if n is None:
+        return 1
+    if n < 1:
         raise _bad_request(f"n must be at least 1, got {n}.", "n")
     return n
 
@@ -294,11 +303,20 @@ def _words(text: str) -> int:
 
 
 def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text")
-    return ""
+    """The text of a message's content: a string, null, or a list of typed parts."""
+    if content is None or type(content) is str:
+        return content or ""
+    if type(content) is not list:
+        raise _request_error("messages", "string_type", "Input should be a valid string")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or type(part.get("type")) is not str:
+            raise _request_error("messages", "union_tag_invalid", "Input should be a content part with a string `type`")
+        if part["type"] == "text":
+            if type(part.get("text")) is not str:
+                raise _request_error("messages", "string_type", "Input should be a valid string")
+            texts.append(part["text"])
+    return " ".join(texts)
 
 
 def _generate(seed_text: str, count: int) -> list[str]:
@@ -328,7 +346,9 @@ def _embedding(text: str) -> tuple[float, ...]:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens, "completion_tokens": completion_tokens}
+    # vLLM's UsageInfo field order
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "total_tokens": total, "completion_tokens": completion_tokens}
 
 
 def _response_id(request: web.Request, prefix: str) -> str:
@@ -384,13 +404,13 @@ async def _stream(
         await response.prepare(request)
         for event in head:
             await response.write(event)
-        for i, step in enumerate(steps):
-            if die and i == DIE_AFTER_CHUNKS:
-                _drop_connection(request)  # no [DONE], no terminating chunk
-                return response
+        for i, step in enumerate(steps[:DIE_AFTER_CHUNKS] if die else steps):
             if i:
                 await _sleep_ms(delay_ms)
             await response.write(step)
+        if die:
+            _drop_connection(request)  # no [DONE], no terminating chunk
+            return response
         for event in tail:
             await response.write(event)
     except ConnectionResetError:
@@ -418,11 +438,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens, seed_parts = 0, []
     for message in messages:
         if not isinstance(message, dict) or type(message.get("role")) is not str:
-            raise _request_error("messages", "union_tag_invalid", "Input should be a valid message with a string `role`")
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise _request_error("messages", "string_type", "Input should be a valid string")
-        text = _message_text(content)
+            raise _request_error("messages", "union_tag_invalid", "Input should be a message with a string `role`")
+        text = _message_text(message.get("content"))
         seed_parts.append(text)
         prompt_tokens += _words(text) + CHAT_TOKENS_PER_MESSAGE
     stream = _bool_field(body, "stream")
@@ -471,29 +488,42 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "kv_transfer_params": None,
         })
 
-    # Chunks are serialised with exclude_unset: no "usage" key unless usage is being reported.
-    def chunk(choice: dict, generated: int | None) -> bytes:
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    # Chunks are serialised with exclude_unset: no "usage" key unless usage is being reported,
+    # and "prompt_token_ids" only on the first chunk.
+    def chunk(choice: dict, generated: int | None, first: bool = False) -> bytes:
+        data: dict[str, Any] = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice],
+        }
         if generated is not None:
             data["usage"] = _usage(prompt_tokens, generated)
+        if first:
+            data["prompt_token_ids"] = None
         return _sse(data)
 
     head = [
         chunk(
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
             0 if continuous else None,
+            first=True,
         )
         for i in range(n)
     ]
     steps = []
     for j, (piece, generated) in enumerate(pieces):
-        choice = {"delta": {"content": piece}, "logprobs": None, "finish_reason": None, "token_ids": None}
-        if j == len(pieces) - 1:
-            choice = {"delta": {"content": piece}, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None, "token_ids": None}
+        if j < len(pieces) - 1:
+            choice = {"delta": {"content": piece}, "logprobs": None, "finish_reason": None, "token_ids": None}
+        else:  # the last token's chunk carries the finish
+            choice = {
+                "delta": {"content": piece}, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None,
+                "token_ids": None,
+            }
         steps.append(b"".join(chunk({"index": i, **choice}, generated if continuous else None) for i in range(n)))
     tail = [SSE_DONE]
     if include_usage:
-        usage_chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": _usage(prompt_tokens, count * n)}
+        usage_chunk = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": _usage(prompt_tokens, count * n),
+        }
         tail.insert(0, _sse(usage_chunk))
     return await _stream(fake, request, head, steps, tail)
 
@@ -502,7 +532,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     fake = request.app[FAKE]
     body = await _json_body(request)
 
-    prompts = _prompts(body)
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "":
+        raise _request_error(
+            "prompt", "value_error", "Value error, Either prompt or prompt_embeds must be provided and non-empty."
+        )
+    prompts = _text_inputs(prompt, "prompt")
     stream = _bool_field(body, "stream")
     include_usage, continuous = _stream_options(body, stream)
     echo = _bool_field(body, "echo")
@@ -524,7 +559,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     rid, created = _response_id(request, "cmpl-"), int(time.time())
     if not stream:
-        await _pace_whole_answer(fake, max(len(plan[2]) for plan in plans))
+        await _pace_whole_answer(fake, sum(len(plan[2]) for plan in plans))
         choices = [
             {
                 "index": p * n + i,
@@ -568,49 +603,43 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "token_ids": None,
                 }
                 usage = _usage(prompt_tokens, generated) if continuous else None
-                events.append(_sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage}))
+                events.append(_sse({
+                    "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+                    "usage": usage,
+                }))
             steps.append(b"".join(events))
     tail = [SSE_DONE]
     if include_usage:
-        usage_chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": _usage(total_prompt, total_completion)}
+        usage_chunk = {
+            "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+            "usage": _usage(total_prompt, total_completion),
+        }
         tail.insert(0, _sse(usage_chunk))
     return await _stream(fake, request, (), steps, tail)
 
 
-def _prompts(body: dict) -> list[tuple[str, int]]:
-    """(text that seeds the answer, prompt tokens) for each prompt: str, [str], [int] or [[int]]."""
-    prompt = body.get("prompt")
-    if prompt is None or prompt == "":
-        raise _request_error("prompt", "value_error", "Value error, Either prompt or prompt_embeds must be provided and non-empty.")
-    if isinstance(prompt, str):
-        return [(prompt, _words(prompt) + 1)]
-    if isinstance(prompt, list) and prompt:
-        if all(type(item) is str for item in prompt):
-            return [(item, _words(item) + 1) for item in prompt]
-        if all(type(item) is int for item in prompt):
-            return [(",".join(map(str, prompt)), len(prompt))]
-        if all(isinstance(item, list) and item and all(type(t) is int for t in item) for item in prompt):
-            return [(",".join(map(str, item)), len(item)) for item in prompt]
-    raise _request_error("prompt", "union_type", "Input should be a valid string, a list of strings, or a list of token ids")
+def _text_inputs(value: Any, field_name: str) -> list[tuple[str, int]]:
+    """(text that seeds the output, tokens) per input of a prompt or embedding input:
+    str, [str], [int] (one tokenised input) or [[int]]. Text counts a word a token, plus one (BOS)."""
+    if type(value) is str:
+        return [(value, _words(value) + 1)]
+    if type(value) is list and value:
+        if all(type(item) is str for item in value):
+            return [(item, _words(item) + 1) for item in value]
+        if all(type(item) is int for item in value):
+            return [(",".join(map(str, value)), len(value))]
+        if all(type(item) is list and item and all(type(t) is int for t in item) for item in value):
+            return [(",".join(map(str, item)), len(item)) for item in value]
+    raise _request_error(field_name, "union_type", "Input should be a string, a list of strings, or token ids")
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     fake = request.app[FAKE]
     body = await _json_body(request)
 
-    inputs = body.get("input")
-    if inputs is None:
+    if body.get("input") is None:
         raise _request_error("input", "missing", "Field required")
-    if isinstance(inputs, str):
-        texts = [(inputs, _words(inputs) + 1)]
-    elif isinstance(inputs, list) and inputs and all(type(item) is str for item in inputs):
-        texts = [(item, _words(item) + 1) for item in inputs]
-    elif isinstance(inputs, list) and inputs and all(type(item) is int for item in inputs):
-        texts = [(",".join(map(str, inputs)), len(inputs))]
-    elif isinstance(inputs, list) and inputs and all(isinstance(item, list) and all(type(t) is int for t in item) for item in inputs):
-        texts = [(",".join(map(str, item)), len(item)) for item in inputs]
-    else:
-        raise _request_error("input", "union_type", "Input should be a valid string, a list of strings, or a list of token ids")
+    texts = _text_inputs(body["input"], "input")
     encoding_format = body.get("encoding_format", "float")
     if encoding_format not in ("float", "base64"):
         raise _request_error("encoding_format", "literal_error", "Input should be 'float' or 'base64'")
@@ -661,7 +690,7 @@ async def list_models(request: web.Request) -> web.Response:
             "object": "model",
             "created": now,
             "owned_by": "vllm",
-            "root": name,
+            "root": fake.models[0],  # one model served under several names
             "parent": None,
             "max_model_len": MAX_MODEL_LEN,
             "permission": [
@@ -703,7 +732,12 @@ async def fake_stats(request: web.Request) -> web.Response:
 
 async def fake_last(request: web.Request) -> web.Response:
     return _json([
-        {"path": entry.path, "headers": entry.headers, "body": _parse_or_none(entry.raw_body), "ts": entry.ts}
+        {
+            "path": entry.path,
+            "headers": {str(name): value for name, value in entry.headers.items()},
+            "body": _parse_or_none(entry.raw_body),
+            "ts": entry.ts,
+        }
         for entry in request.app[FAKE].last
     ])
 
@@ -727,10 +761,9 @@ async def fake_config(request: web.Request) -> web.Response:
     if unknown:
         raise _bad_request(f"unknown config keys: {', '.join(unknown)}")
     try:
-        fake.config = replace(
-            fake.config,
-            **{key: (str(value) if key == "mode" else int(value) if key == "stream_chunks" else float(value)) for key, value in changes.items()},
-        ).validated()
+        # each value converted to the type of the setting it replaces (float, int or str)
+        converted = {key: type(getattr(fake.config, key))(value) for key, value in changes.items()}
+        fake.config = replace(fake.config, **converted).validated()
     except (TypeError, ValueError) as exc:
         raise _bad_request(str(exc)) from None
     return _json(asdict(fake.config))
@@ -738,7 +771,7 @@ async def fake_config(request: web.Request) -> web.Response:
 
 async def fake_reset(request: web.Request) -> web.Response:
     fake = request.app[FAKE]
-    fake.stats = FakeStats(in_flight=fake.stats.in_flight)  # requests still running finish against the new stats
+    fake.stats = FakeStats()  # requests still running finish against the old counters
     fake.last.clear()
     fake.config = replace(fake.start_config)
     fake.rng.seed(fake.seed)
@@ -748,14 +781,14 @@ async def fake_reset(request: web.Request) -> web.Response:
 # --- app -------------------------------------------------------------------------------------
 
 
-def _authorized(fake: FakeVLLM, request: web.Request) -> bool:
+def _authorized(api_key: str, request: web.Request) -> bool:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), fake.api_key.encode())  # type: ignore[union-attr]
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
 
 
 @web.middleware
 async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Accounting, /fake/last, vLLM's --api-key check and FastAPI-shaped 404/405 around every route."""
+    """Accounting, /fake/last, vLLM's --api-key check and FastAPI-shaped errors around every route."""
     path = request.path
     if path.startswith("/fake/"):
         try:
@@ -763,32 +796,32 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
         except ApiError as error:
             return error.response()
     fake = request.app[FAKE]
-    stats = fake.stats
+    stats = fake.stats  # a /fake/reset while this request runs leaves the new counters alone
     stats.requests += 1
     stats.in_flight += 1
     stats.by_path[path] = stats.by_path.get(path, 0) + 1
     try:
         raw_body = await request.read() if request.body_exists else b""
-        fake.last.append(RecordedRequest(path, dict(request.headers), raw_body, time.time()))
-        if fake.api_key is not None and path.startswith("/v1") and not _authorized(fake, request):
+        fake.last.append(RecordedRequest(path, request.headers, raw_body, time.time()))
+        if fake.api_key is not None and path.startswith("/v1") and not _authorized(fake.api_key, request):
             response: web.StreamResponse = _json({"error": "Unauthorized"}, status=401)
         else:
             response = await handler(request)
     except ApiError as error:
         response = error.response()
-    except web.HTTPException as exc:
-        if exc.status not in (404, 405):
-            raise
+    except web.HTTPException as exc:  # unknown route, wrong method, body too large
         response = _json({"detail": exc.reason}, status=exc.status)
     except asyncio.CancelledError:
-        fake.stats.cancelled += 1
+        stats.cancelled += 1
         raise
     except ClientDisconnected as gone:
-        fake.stats.cancelled += 1
+        stats.cancelled += 1
         return gone.response
+    except Exception as exc:  # a bug here must still look like a server error, not a traceback
+        response = ApiError(500, f"{type(exc).__name__}: {exc}", "InternalServerError").response()
     finally:
-        fake.stats.in_flight -= 1
-    fake.stats.completed += 1
+        stats.in_flight -= 1
+    stats.completed += 1
     return response
 
 
@@ -802,7 +835,7 @@ def make_fake_vllm_app(
     seed: int | None = None,
     api_key: str | None = None,
 ) -> web.Application:
-    """The fake server as an aiohttp app; serve it with start_fake_vllm (handler cancellation on)."""
+    """The fake server as an aiohttp app; serve it with serve_fake_vllm (handler cancellation on)."""
     names = tuple(models or (DEFAULT_MODEL,))
     config = FakeConfig(
         latency_ms=float(latency_ms), chunk_delay_ms=float(chunk_delay_ms), stream_chunks=int(stream_chunks),
@@ -826,7 +859,7 @@ def make_fake_vllm_app(
     return app
 
 
-async def start_fake_vllm(app: web.Application, *, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+async def serve_fake_vllm(app: web.Application, *, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
     """Serves `app` on host:port (0 picks a free port); returns the runner and the bound port."""
     runner = web.AppRunner(
         app,
@@ -846,10 +879,8 @@ async def start_fake_vllm(app: web.Application, *, host: str = "127.0.0.1", port
 
 
 async def _serve_until_signalled(app: web.Application, host: str, port: int) -> int:
-    import signal
-
     try:
-        runner, bound_port = await start_fake_vllm(app, host=host, port=port)
+        runner, bound_port = await serve_fake_vllm(app, host=host, port=port)
     except OSError as exc:
         print(f"fake-vllm: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
@@ -868,8 +899,6 @@ async def _serve_until_signalled(app: web.Application, host: str, port: int) -> 
 
 def run_fake_vllm(args: argparse.Namespace) -> int:
     """`llmgate fake-vllm`: serve until SIGTERM or SIGINT, then return 0."""
-    import uvloop
-
     try:
         app = make_fake_vllm_app(
             models=args.models,
