@@ -88,6 +88,7 @@ class Exchange:
     fallback: str | None = None
     error: str | None = None
     holding: bool = False  # an attempt is counted in its deployment's in-flight
+    routed: bool = False  # the model is a configured one
 
 
 class UpstreamFailure(Exception):
@@ -118,11 +119,15 @@ def _unauthorized() -> web.Response:
     return error_response(401, "Invalid or missing API key. Send `Authorization: Bearer <key>`.", "invalid_api_key")
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def _request_id(request: web.Request) -> str:
     rid = request.headers.get("X-Request-ID")
     if rid and _REQUEST_ID_OK.fullmatch(rid):
         return rid
-    return os.urandom(16).hex()
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"  # unique per process, 32 hex digits like a uuid
 
 
 # ---------------------------------------------------------------- the inference path
@@ -163,6 +168,7 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
             return error_response(404, f"The model `{ex.model}` does not exist. Available models: "
                                   f"{', '.join(gw.models_for(team)) or 'none'}.", "model_not_found", "model",
                                   headers=rid_header)
+        ex.routed = True
         if allowed is not None and ex.model not in allowed:
             ex.status, ex.error = 403, "model_not_allowed"
             return error_response(403, f"Team `{team}` may not use model `{ex.model}`. Allowed: "
@@ -235,7 +241,7 @@ def _attempt_plan(gw: Gateway, group: ModelGroup) -> list[ModelGroup]:
 
 def _hold(ex: Exchange, dep: DeploymentState, now: float) -> None:
     dep.started(now)
-    metrics.IN_FLIGHT.labels(dep.d.id).inc()
+    metrics.in_flight(dep.d.id).inc()
     ex.deployment, ex.holding = dep, True
 
 
@@ -247,7 +253,7 @@ def _release(ex: Exchange, answered: bool) -> None:
     dep = ex.deployment
     assert dep is not None
     dep.finished(time.monotonic(), ex.ttft_s if answered else None, ex.prompt_tokens + ex.completion_tokens)
-    metrics.IN_FLIGHT.labels(dep.d.id).dec()
+    metrics.in_flight(dep.d.id).dec()
 
 
 def _attempt_failed(gw: Gateway, ex: Exchange, kind: str) -> None:
@@ -365,9 +371,11 @@ async def _relay_unary(request: web.Request, gw: Gateway, body: dict, group: Mod
 
 async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: ModelGroup,
                         ex: Exchange) -> web.StreamResponse:
-    options = body.get("stream_options") or {}
-    strip_usage = options.get("include_usage") is not True
+    options = body.get("stream_options")
+    # vLLM's include_usage defaults to true once stream_options is present at all.
+    strip_usage = options is None or options.get("include_usage", True) is not True
     if strip_usage:
+        options = options or {}
         # Ask for usage so that we can log it; the client never sees the extra chunk.
         body["stream_options"] = {**options, "include_usage": True}
     resp, _ = await _call_upstream(request, gw, body, group, ex)
@@ -454,15 +462,17 @@ def _record(app: web.Application, ex: Exchange) -> None:
     cost = 0.0
     if dep is not None:
         cost = ex.prompt_tokens * dep.input_cost_per_token + ex.completion_tokens * dep.output_cost_per_token
-    metrics.REQUESTS.labels(team, model, str(ex.status)).inc()
-    metrics.DURATION.labels(team, model).observe(latency)
+    # Label only configured models: a client must not be able to mint new series.
+    m = metrics.series(team, model if ex.routed else "")
+    m.requests(ex.status).inc()
+    m.duration.observe(latency)
     if ex.ttft_s is not None and ex.stream:
-        metrics.TTFT.labels(team, model).observe(ex.ttft_s)
+        m.ttft.observe(ex.ttft_s)
     if ex.prompt_tokens or ex.completion_tokens:
-        metrics.INPUT_TOKENS.labels(team, model).inc(ex.prompt_tokens)
-        metrics.OUTPUT_TOKENS.labels(team, model).inc(ex.completion_tokens)
+        m.input_tokens.inc(ex.prompt_tokens)
+        m.output_tokens.inc(ex.completion_tokens)
         if cost:
-            metrics.COST.labels(team, model).inc(cost)
+            m.cost.inc(cost)
     usage = app.get(USAGE)
     if usage is None:
         return

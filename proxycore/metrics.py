@@ -37,3 +37,43 @@ def render_metrics() -> tuple[bytes, str]:
     from prometheus_client import REGISTRY
 
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class RequestSeries:
+    """The label children of one (team, model), looked up once instead of on every request."""
+
+    __slots__ = ("team", "model", "duration", "ttft", "input_tokens", "output_tokens", "cost", "_by_status")
+
+    def __init__(self, team: str, model: str):
+        self.team, self.model = team, model
+        self.duration = DURATION.labels(team, model)
+        self.ttft = TTFT.labels(team, model)
+        self.input_tokens = INPUT_TOKENS.labels(team, model)
+        self.output_tokens = OUTPUT_TOKENS.labels(team, model)
+        self.cost = COST.labels(team, model)
+        self._by_status: dict[int, object] = {}
+
+    def requests(self, status: int):
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = REQUESTS.labels(self.team, self.model, str(status))
+        return child
+
+
+_series: dict[tuple[str, str], RequestSeries] = {}
+_in_flight: dict[str, object] = {}
+
+
+def series(team: str, model: str) -> RequestSeries:
+    """Callers pass only labels of bounded cardinality: configured models, teams set by nginx."""
+    s = _series.get((team, model))
+    if s is None:
+        s = _series[(team, model)] = RequestSeries(team, model)
+    return s
+
+
+def in_flight(deployment: str):
+    child = _in_flight.get(deployment)
+    if child is None:
+        child = _in_flight[deployment] = IN_FLIGHT.labels(deployment)
+    return child
