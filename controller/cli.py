@@ -41,12 +41,34 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="auto: start fake-vllm on loopback api_base ports where nothing listens")
 
 
+def _add_auth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("auth", help="serve authsvc: nginx's auth_request endpoint for team keys")
+    p.add_argument("--teams", default="teams.yaml")
+    p.add_argument("--host", default=None, help="default: gateway.auth_listen of teams.yaml")
+    p.add_argument("--port", type=int, default=None)
+
+
+def _add_key(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("key", help="create or revoke team keys (only their sha256 is written)")
+    ksub = p.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    new = ksub.add_parser("new", help="create a key for a team; prints it once")
+    new.add_argument("--team", required=True)
+    new.add_argument("--teams", default="teams.yaml")
+    new.add_argument("--name", default=None, help="a label shown as key_id in logs")
+    revoke = ksub.add_parser("revoke", help="remove a key from teams.yaml")
+    revoke.add_argument("--teams", default="teams.yaml")
+    revoke.add_argument("--team", default=None, help="only look in this team")
+    revoke.add_argument("which", help="the key itself, its sha256, a hash prefix of 12+ hex digits, or its name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_fake_vllm(sub)
     _add_proxy(sub)
     _add_up(sub)
+    _add_auth(sub)
+    _add_key(sub)
     return parser
 
 
@@ -64,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         from controller.up import run_up
 
         return run_up(args)
+    if args.command == "auth":
+        from authsvc.server import run_authsvc
+
+        return run_authsvc(args)
+    if args.command == "key":
+        from controller.keys import run_key
+
+        return run_key(args)
     raise AssertionError(args.command)
 
 
