@@ -13,7 +13,9 @@ import logging
 import os
 import random
 import re
+import signal
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +24,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from controller.config import ProxyConfig
+from controller.config import ConfigError, ProxyConfig, load_proxy_config
+from controller.teams import TeamsConfig, load_teams
 from proxycore import metrics
 from proxycore.errors import error_response, upstream_error_message
 from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
@@ -40,30 +43,62 @@ _REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "i
 
 @dataclass
 class Gateway:
-    """What the handlers read: the config, its routing groups, and the keys. Replaced whole on reload."""
+    """What the handlers read: the config, its routing groups, keys and team policy. Replaced whole on reload."""
 
     config: ProxyConfig
     groups: dict[str, ModelGroup]
     master_key: bytes | None
     internal_key: bytes | None
-    team_models: dict[str, frozenset[str] | None] = field(default_factory=dict)  # team -> allow-list (None: all)
+    team_models: dict[str, frozenset[str] | None] | None = None  # team -> allow-list (None: all); None: no teams file
 
     @classmethod
-    def from_config(cls, config: ProxyConfig, internal_key: str | None = None) -> "Gateway":
+    def build(cls, config: ProxyConfig, internal_key: str | None = None, teams: TeamsConfig | None = None,
+              previous: "Gateway | None" = None) -> "Gateway":
         return cls(
             config=config,
-            groups=build_groups(config),
+            groups=build_groups(config, previous.groups if previous else None),
             master_key=config.master_key.encode() if config.master_key else None,
             internal_key=internal_key.encode() if internal_key else None,
+            team_models=None if teams is None else {
+                t.name: frozenset(t.models) if t.models is not None else None for t in teams.teams},
         )
+
+    def allowed_models(self, team: str | None) -> frozenset[str] | None:
+        """None: every model. A team that teams.yaml does not (yet) know gets nothing: fail closed."""
+        if team is None or self.team_models is None:
+            return None
+        return self.team_models.get(team, frozenset())
 
     def models_for(self, team: str | None) -> list[str]:
         names = sorted(self.groups)
-        allowed = self.team_models.get(team) if team else None
+        allowed = self.allowed_models(team)
         return names if allowed is None else [n for n in names if n in allowed]
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
+class LiveGateway:
+    """The current Gateway; reloads swap `gw` in one assignment, requests in flight keep theirs."""
+
+    __slots__ = ("gw", "config_path", "teams_path", "internal_key_env")
+
+    def __init__(self, gw: Gateway, config_path: str | None = None, teams_path: str | None = None,
+                 internal_key_env: str | None = None):
+        self.gw, self.config_path, self.teams_path, self.internal_key_env = gw, config_path, teams_path, internal_key_env
+
+    def reload(self) -> str | None:
+        """Load both files again; on any problem keep the current Gateway and return the reason."""
+        if self.config_path is None:
+            return None
+        try:
+            config = load_proxy_config(self.config_path)
+            teams = load_teams(self.teams_path) if self.teams_path else None
+        except ConfigError as exc:
+            return str(exc)
+        internal = (teams.gateway.internal_key if teams else None) or self.internal_key_env
+        self.gw = Gateway.build(config, internal, teams, previous=self.gw)
+        return None
+
+
+LIVE = web.AppKey("live", LiveGateway)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 USAGE = web.AppKey("usage", UsageLog)
 
@@ -146,7 +181,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse:
     app = request.app
-    gw = app[GATEWAY]
+    gw = app[LIVE].gw
     ok, team, key_id = authenticate(request, gw)
     ex = Exchange(_request_id(request), kind, team, key_id, time.monotonic())
     rid_header = {"X-Request-ID": ex.request_id}
@@ -162,13 +197,13 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         ex.model = body["model"]
         ex.stream = body.get("stream") is True
         group = gw.groups.get(ex.model)
-        allowed = gw.team_models.get(team) if team else None
         if group is None:
             ex.status, ex.error = 404, "model_not_found"
             return error_response(404, f"The model `{ex.model}` does not exist. Available models: "
                                   f"{', '.join(gw.models_for(team)) or 'none'}.", "model_not_found", "model",
                                   headers=rid_header)
         ex.routed = True
+        allowed = gw.allowed_models(team)
         if allowed is not None and ex.model not in allowed:
             ex.status, ex.error = 403, "model_not_allowed"
             return error_response(403, f"Team `{team}` may not use model `{ex.model}`. Allowed: "
@@ -505,7 +540,7 @@ def _model_card(name: str, created: int) -> dict:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.app[LIVE].gw
     ok, team, _ = authenticate(request, gw)
     if not ok:
         return _unauthorized()
@@ -515,7 +550,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.app[LIVE].gw
     ok, team, _ = authenticate(request, gw)
     if not ok:
         return _unauthorized()
@@ -531,14 +566,14 @@ async def liveliness(request: web.Request) -> web.Response:
 
 
 async def readiness(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.app[LIVE].gw
     up = sum(1 for g in gw.groups.values() for s in g.members if s.up)
     status = 200 if up else 503
     return web.json_response({"status": "healthy" if up else "unhealthy", "deployments_up": up}, status=status)
 
 
 async def health(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
+    gw = request.app[LIVE].gw
     ok, _, _ = authenticate(request, gw)
     if not ok:
         return _unauthorized()
@@ -587,7 +622,7 @@ async def _health_checks(app: web.Application) -> None:
     last_full = time.monotonic()
     while True:
         await asyncio.sleep(0.5)
-        gw = app[GATEWAY]
+        gw = app[LIVE].gw
         now = time.monotonic()
         full = now - last_full >= gw.config.health_check_interval
         if full:
@@ -605,7 +640,7 @@ async def _probe(app: web.Application, session: aiohttp.ClientSession, s: Deploy
             await r.read()
     except (aiohttp.ClientError, asyncio.TimeoutError):
         healthy = False
-    r = app[GATEWAY].config.router
+    r = app[LIVE].gw.config.router
     if healthy:
         if not s.up:
             s.recovered()
@@ -622,11 +657,11 @@ STARTED = web.AppKey("started", float)
 
 
 async def _client_session(app: web.Application):
-    ssl_verify = app[GATEWAY].config.ssl_verify
+    ssl_verify = app[LIVE].gw.config.ssl_verify
     tls: bool | ssl.SSLContext = ssl_verify if isinstance(ssl_verify, bool) else ssl.create_default_context(cafile=ssl_verify)
     connector = aiohttp.TCPConnector(limit=0, ssl=tls, ttl_dns_cache=300, keepalive_timeout=30)
     app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
-    for g in app[GATEWAY].groups.values():
+    for g in app[LIVE].gw.groups.values():
         for s in g.members:
             metrics.DEPLOYMENT_UP.labels(s.d.id).set(1)
     checker = asyncio.ensure_future(_health_checks(app))
@@ -635,13 +670,44 @@ async def _client_session(app: web.Application):
     await app[HTTP].close()
 
 
-def make_app(config: ProxyConfig, *, internal_key: str | None = None, usage_log: UsageLog | None = None) -> web.Application:
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[json_errors])
-    app[GATEWAY] = Gateway.from_config(config, internal_key)
+async def _watch_config_files(app: web.Application):
+    """Reload config.yaml and teams.yaml in-process when they change (editors replace files by rename)."""
+    live = app[LIVE]
+    paths = {os.path.abspath(p) for p in (live.config_path, live.teams_path) if p}
+    if not paths:
+        yield
+        return
+    from watchfiles import awatch
+
+    def reload(reason: str) -> None:
+        problem = live.reload()
+        if problem:
+            print(f"llmgate: proxycore kept the previous config: {problem}", file=sys.stderr, flush=True)
+        else:
+            log.info("proxycore reloaded its config (%s)", reason)
+
+    async def watch() -> None:
+        dirs = {os.path.dirname(p) for p in paths}
+        async for _ in awatch(*dirs, watch_filter=lambda _c, path: os.path.abspath(path) in paths,
+                              debounce=200, step=50, recursive=False):
+            reload("file changed")
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload, "SIGHUP")
+    task = asyncio.ensure_future(watch())
+    yield
+    task.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
+
+
+def make_app(live: LiveGateway, *, usage_log: UsageLog | None = None) -> web.Application:
+    app = web.Application(client_max_size=live.gw.config.max_request_bytes, middlewares=[json_errors])
+    app[LIVE] = live
     app[STARTED] = time.time()
     if usage_log is not None:
         app[USAGE] = usage_log
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_watch_config_files)
     r = app.router
     for prefix in ("/v1", ""):
         r.add_post(prefix + "/chat/completions", chat_completions)

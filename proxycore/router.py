@@ -96,10 +96,12 @@ class ModelGroup:
         return [s for tier in self.tiers for s in tier]
 
 
-def build_groups(config: ProxyConfig) -> dict[str, ModelGroup]:
+def build_groups(config: ProxyConfig, previous: dict[str, "ModelGroup"] | None = None) -> dict[str, ModelGroup]:
+    """Groups by model name; a deployment unchanged since `previous` keeps what the router learned about it."""
+    known = {s.d: s for g in (previous or {}).values() for s in g.members}
     by_name: dict[str, list[DeploymentState]] = {}
     for d in config.deployments:
-        by_name.setdefault(d.model_name, []).append(DeploymentState(d))
+        by_name.setdefault(d.model_name, []).append(known.get(d) or DeploymentState(d))
     groups = {}
     for name, states in by_name.items():
         orders = sorted({s.d.order if s.d.order is not None else math.inf for s in states})

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from controller.config import ConfigError, ProxyConfig, load_proxy_config
+from controller.teams import TeamsConfig, load_gateway_config
 
 READY_TIMEOUT_S = 30.0
 RESTART_BACKOFF_MAX_S = 10.0
@@ -33,7 +34,14 @@ def run_proxy(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.port == 0:
         print("llmgate: --workers > 1 needs a fixed --port (workers share it)", file=sys.stderr)
         return 2
-    worker = ProxyWorker(config, args.host, args.port, args.usage_log, os.environ.get("LLMGATE_INTERNAL_KEY"))
+    teams = None
+    if args.teams:
+        try:
+            teams = load_gateway_config(args.config, args.teams).teams
+        except ConfigError as exc:
+            print(f"llmgate: {exc}", file=sys.stderr)
+            return 2
+    worker = ProxyWorker(config, teams, args, os.environ.get("LLMGATE_INTERNAL_KEY"))
     if args.workers == 1:
         return worker.run(announce=True)
     return _supervise_workers(worker, args.workers)
@@ -42,10 +50,11 @@ def run_proxy(args: argparse.Namespace) -> int:
 class ProxyWorker:
     """Everything one worker process needs to serve; `run()` blocks until SIGTERM or SIGINT."""
 
-    def __init__(self, config: ProxyConfig, host: str, port: int, usage_path: str | None,
-                 internal_key: str | None, reuse_port: bool = False):
-        self.config, self.host, self.port = config, host, port
-        self.usage_path, self.internal_key, self.reuse_port = usage_path, internal_key, reuse_port
+    def __init__(self, config: ProxyConfig, teams: TeamsConfig | None, args: argparse.Namespace,
+                 internal_key_env: str | None, reuse_port: bool = False):
+        self.config, self.teams, self.host, self.port = config, teams, args.host, args.port
+        self.config_path, self.teams_path, self.usage_path = args.config, args.teams, args.usage_log
+        self.internal_key_env, self.reuse_port = internal_key_env, reuse_port
 
     def run(self, announce: bool = False, ready_fd: int | None = None) -> int:
         import uvloop
@@ -55,11 +64,14 @@ class ProxyWorker:
     async def _serve(self, announce: bool, ready_fd: int | None) -> int:
         from aiohttp import web
 
-        from proxycore.app import make_app
+        from proxycore.app import Gateway, LiveGateway, make_app
         from proxycore.usage_log import UsageLog
 
         usage = UsageLog(self.usage_path) if self.usage_path else None
-        app = make_app(self.config, internal_key=self.internal_key, usage_log=usage)
+        internal_key = (self.teams.gateway.internal_key if self.teams else None) or self.internal_key_env
+        live = LiveGateway(Gateway.build(self.config, internal_key, self.teams), self.config_path, self.teams_path,
+                           self.internal_key_env)
+        app = make_app(live, usage_log=usage)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_port=self.reuse_port, backlog=2048)
@@ -102,7 +114,7 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
@@ -123,7 +135,7 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, forward)
     pipes = [spawn(slot)[1] for slot in range(count)]
     deadline = time.monotonic() + READY_TIMEOUT_S

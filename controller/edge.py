@@ -1,0 +1,198 @@
+"""The one place with side effects on nginx: render → `nginx -t` → write → reload → verify the hash is live.
+
+A failed step leaves the previous config serving and on disk, and says which file, where, and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.render import RenderError, RenderedConfig, render_nginx_conf
+from controller.teams import Address, GatewayConfig, load_gateway_config
+from controller.yamlpath import ConfigError
+
+VERIFY_TIMEOUT_S = 10.0
+SECRET_FILES = {"internal-auth.conf"}
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where `llmgate up` keeps its runtime files (never in git: run/ is ignored)."""
+
+    run_dir: Path
+
+    @property
+    def nginx_prefix(self) -> Path:
+        return self.run_dir / "nginx"
+
+    @property
+    def staging_prefix(self) -> Path:
+        return self.run_dir / "nginx-staging"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.run_dir / "metrics"
+
+    def prepare(self, prefix: Path, log_dir: str) -> None:
+        for sub in ("tmp", "cache", "empty"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    status: str  # applied | unchanged | failed
+    message: str
+    checksum: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def write_rendered(rendered: RenderedConfig, prefix: Path) -> None:
+    """Each file written whole (temp + rename); the internal key's file readable by its owner only."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    for name, data in rendered.files.items():
+        target = prefix / name
+        tmp = prefix / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if name in SECRET_FILES else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+
+def read_rendered(prefix: Path, names: list[str]) -> dict[str, bytes] | None:
+    try:
+        return {name: (prefix / name).read_bytes() for name in names}
+    except FileNotFoundError:
+        return None
+
+
+def nginx_test(prefix: Path) -> str | None:
+    """None when `nginx -t` accepts the config in `prefix`, else nginx's own complaint."""
+    run = subprocess.run([nginx_binary(), "-t", "-q", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                          "-e", str(prefix / "error.log")], capture_output=True, text=True, timeout=30)
+    if run.returncode == 0:
+        return None
+    lines = [line for line in (run.stderr + run.stdout).splitlines() if "[emerg]" in line or "[alert]" in line]
+    return "; ".join(lines) or (run.stderr.strip() or f"nginx -t exited with {run.returncode}")
+
+
+def live_checksum(listen: Address, timeout: float = 1.0) -> str | None:
+    host = listen.loopback_host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{listen.port}/-/config-hash"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode().strip()
+    except OSError:
+        return None
+
+
+def wait_for_checksum(listen: Address, checksum: str, timeout: float = VERIFY_TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if live_checksum(listen) == checksum:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _error_log_since(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.split("] ", 2)[-1] for line in text.splitlines() if "[emerg]" in line or "[alert]" in line]
+    return "; ".join(lines[-3:])
+
+
+class EdgeReloader:
+    """Applies config.yaml + teams.yaml to a running nginx, verified; keeps the last good config otherwise."""
+
+    def __init__(self, layout: RunLayout, config_path: str, teams_path: str, internal_key: str,
+                 nginx_pid: int | None = None, worker_processes: str = "auto"):
+        self.layout, self.config_path, self.teams_path = layout, config_path, teams_path
+        self.internal_key, self.nginx_pid, self.worker_processes = internal_key, nginx_pid, worker_processes
+        self.current: GatewayConfig | None = None
+
+    def load_and_render(self, prefix: Path) -> tuple[GatewayConfig, RenderedConfig]:
+        cfg = load_gateway_config(self.config_path, self.teams_path)
+        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, worker_processes=self.worker_processes)
+
+    def check(self) -> tuple[GatewayConfig, RenderedConfig]:
+        """Validate both files and `nginx -t` the result in the staging prefix; raise ConfigError/RenderError/CheckError."""
+        cfg, staged = self.load_and_render(self.layout.staging_prefix)
+        self.layout.prepare(self.layout.staging_prefix, cfg.teams.gateway.log_dir)
+        write_rendered(staged, self.layout.staging_prefix)
+        problem = nginx_test(self.layout.staging_prefix)
+        if problem is not None:
+            raise CheckError(f"nginx refused the rendered config: {problem}")
+        return cfg, staged
+
+    def initial(self) -> ReloadResult:
+        """Render and write the first config (before nginx starts)."""
+        try:
+            cfg, _ = self.check()
+            _, live = self.load_and_render(self.layout.nginx_prefix)
+        except (ConfigError, RenderError, CheckError) as exc:
+            return ReloadResult("failed", str(exc))
+        self.layout.prepare(self.layout.nginx_prefix, cfg.teams.gateway.log_dir)
+        write_rendered(live, self.layout.nginx_prefix)
+        self.current = cfg
+        return ReloadResult("applied", f"rendered {self.layout.nginx_prefix / 'nginx.conf'}", live.checksum)
+
+    def apply(self) -> ReloadResult:
+        """One reload: load → validate → render → nginx -t → skip if unchanged → reload → verify."""
+        try:
+            cfg, _ = self.check()
+            _, live = self.load_and_render(self.layout.nginx_prefix)
+        except (ConfigError, RenderError, CheckError) as exc:
+            return ReloadResult("failed", f"kept the previous config: {exc}")
+        prefix = self.layout.nginx_prefix
+        listen = cfg.teams.gateway.listen
+        old_listen = self.current.teams.gateway.listen if self.current else listen
+        previous = read_rendered(prefix, list(live.files))
+        if previous == live.files and live_checksum(old_listen) == live.checksum:
+            self.current = cfg
+            return ReloadResult("unchanged", "the rendered nginx config did not change; no reload",
+                                live.checksum)
+        if self.nginx_pid is None:
+            return ReloadResult("failed", "kept the previous config: no running nginx to reload")
+        error_log = prefix / "error.log"
+        offset = error_log.stat().st_size if error_log.exists() else 0
+        self.layout.prepare(prefix, cfg.teams.gateway.log_dir)
+        write_rendered(live, prefix)
+        try:
+            os.kill(self.nginx_pid, signal.SIGHUP)
+        except ProcessLookupError:
+            if previous is not None:
+                write_rendered(RenderedConfig(previous, ""), prefix)
+            return ReloadResult("failed", "kept the previous config: nginx is not running")
+        if wait_for_checksum(listen, live.checksum):
+            self.current = cfg
+            return ReloadResult("applied", f"nginx serves config {live.checksum[:12]}", live.checksum)
+        # nginx -s reload "succeeds" even when the master rejects the new config (DESIGN fact 5).
+        if previous is not None:
+            write_rendered(RenderedConfig(previous, ""), prefix)
+        reason = _error_log_since(error_log, offset) or "nginx did not start serving the new config in time"
+        return ReloadResult("failed", f"kept the previous config: nginx rejected the reload: {reason}")
+
+
+class CheckError(Exception):
+    pass
