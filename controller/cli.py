@@ -30,16 +30,28 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teams", default=None, help="teams.yaml: per-team model allow-lists (reloaded on change)")
 
 
+def _add_files(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="config.yaml", help="LiteLLM-compatible config.yaml")
+    p.add_argument("--teams", default="teams.yaml", help="teams, keys and gateway settings")
+    p.add_argument("--run-dir", default="run", help="runtime files: generated secrets, rendered nginx config")
+
+
 def _add_up(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the whole gateway, supervised (demo backends when no vLLM answers)")
-    p.add_argument("--config", default="config.yaml", help="LiteLLM-compatible config.yaml")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4000)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--usage-log", default=None)
-    p.add_argument("--run-dir", default="run", help="runtime files: generated secrets, rendered config")
+    _add_files(p)
     p.add_argument("--demo", choices=("auto", "never"), default="auto",
                    help="auto: start fake-vllm on loopback api_base ports where nothing listens")
+    p.add_argument("--nginx-workers", default="auto", help="nginx worker_processes")
+
+
+def _add_operate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate both files and run `nginx -t` on the rendered result")
+    _add_files(p)
+    p = sub.add_parser("render", help="write the nginx config for a prefix directory")
+    _add_files(p)
+    p.add_argument("--out", required=True, help="the nginx prefix directory to write into")
+    p = sub.add_parser("reload", help="apply changed files to a running `llmgate up`, verified")
+    _add_files(p)
 
 
 def _add_auth(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fake_vllm(sub)
     _add_proxy(sub)
     _add_up(sub)
+    _add_operate(sub)
     _add_auth(sub)
     _add_key(sub)
     return parser
@@ -87,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from controller.up import run_up
 
         return run_up(args)
+    if args.command in ("check", "render", "reload"):
+        from controller import operate
+
+        return getattr(operate, f"run_{args.command}")(args)
     if args.command == "auth":
         from authsvc.server import run_authsvc
 

@@ -5,14 +5,18 @@ A failed step leaves the previous config serving and on disk, and says which fil
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from controller.render import RenderError, RenderedConfig, render_nginx_conf
 from controller.teams import Address, GatewayConfig, load_gateway_config
@@ -44,9 +48,21 @@ class RunLayout:
     def metrics_dir(self) -> Path:
         return self.run_dir / "metrics"
 
+    def work_dir(self, prefix: Path) -> Path:
+        """What nginx workers write. Under root they run as `nobody`, who may not be able to enter the
+        run directory (a home or a 0700 clone), so their files go to a directory of their own in /tmp."""
+        if os.geteuid() == 0:
+            tag = hashlib.sha256(str(prefix.resolve()).encode()).hexdigest()[:12]
+            return Path(tempfile.gettempdir()) / f"llmgate-nginx-{tag}"
+        return prefix / "work"
+
     def prepare(self, prefix: Path, log_dir: str) -> None:
+        prefix.mkdir(parents=True, exist_ok=True)
+        work = self.work_dir(prefix)
         for sub in ("tmp", "cache", "empty"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
+            (work / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(work / sub, 0o755)
+        os.chmod(work, 0o755)
         Path(log_dir).mkdir(parents=True, exist_ok=True)
 
 
@@ -126,14 +142,15 @@ class EdgeReloader:
     """Applies config.yaml + teams.yaml to a running nginx, verified; keeps the last good config otherwise."""
 
     def __init__(self, layout: RunLayout, config_path: str, teams_path: str, internal_key: str,
-                 nginx_pid: int | None = None, worker_processes: str = "auto"):
+                 nginx_pid: "int | Callable[[], int | None] | None" = None, worker_processes: str = "auto"):
         self.layout, self.config_path, self.teams_path = layout, config_path, teams_path
         self.internal_key, self.nginx_pid, self.worker_processes = internal_key, nginx_pid, worker_processes
         self.current: GatewayConfig | None = None
 
     def load_and_render(self, prefix: Path) -> tuple[GatewayConfig, RenderedConfig]:
         cfg = load_gateway_config(self.config_path, self.teams_path)
-        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, worker_processes=self.worker_processes)
+        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, worker_processes=self.worker_processes,
+                                      work_dir=str(self.layout.work_dir(prefix)))
 
     def check(self) -> tuple[GatewayConfig, RenderedConfig]:
         """Validate both files and `nginx -t` the result in the staging prefix; raise ConfigError/RenderError/CheckError."""
@@ -159,6 +176,12 @@ class EdgeReloader:
 
     def apply(self) -> ReloadResult:
         """One reload: load → validate → render → nginx -t → skip if unchanged → reload → verify."""
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.run_dir / "reload.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # `llmgate reload` and the watcher never interleave
+            return self._apply()
+
+    def _apply(self) -> ReloadResult:
         try:
             cfg, _ = self.check()
             _, live = self.load_and_render(self.layout.nginx_prefix)
@@ -172,14 +195,15 @@ class EdgeReloader:
             self.current = cfg
             return ReloadResult("unchanged", "the rendered nginx config did not change; no reload",
                                 live.checksum)
-        if self.nginx_pid is None:
+        pid = self.nginx_pid() if callable(self.nginx_pid) else self.nginx_pid
+        if pid is None:
             return ReloadResult("failed", "kept the previous config: no running nginx to reload")
         error_log = prefix / "error.log"
         offset = error_log.stat().st_size if error_log.exists() else 0
         self.layout.prepare(prefix, cfg.teams.gateway.log_dir)
         write_rendered(live, prefix)
         try:
-            os.kill(self.nginx_pid, signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
             if previous is not None:
                 write_rendered(RenderedConfig(previous, ""), prefix)

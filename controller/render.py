@@ -52,8 +52,12 @@ def find_js_module() -> str:
 
 
 def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_module: str | None = None,
-                      worker_processes: str = "auto") -> RenderedConfig:
-    """nginx.conf, llmgate.js and internal-auth.conf for the nginx prefix `prefix`."""
+                      worker_processes: str = "auto", work_dir: str | None = None) -> RenderedConfig:
+    """nginx.conf, llmgate.js and internal-auth.conf for the nginx prefix `prefix`.
+
+    `work_dir` holds what nginx workers write (temp files, the auth cache); it defaults to `prefix/work`.
+    """
+    work = work_dir or prefix.rstrip("/") + "/work"
     teams, gw = cfg.teams.teams, cfg.teams.gateway
     q = nginx_quote
     has_domains = cfg.teams.has_domains
@@ -66,6 +70,7 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "js_module": q(js_module or find_js_module()),
         "worker_processes": worker_processes if re.fullmatch(r"auto|[0-9]{1,3}", worker_processes) else "auto",
         "at": lambda rel: _path(prefix.rstrip("/") + ("/" + rel if rel else "")),
+        "work": lambda rel: _path(work.rstrip("/") + "/" + rel),
         "map_hash_max_size": max(2048, 1 << math.ceil(math.log2(max(1, len(keys)) * 2))),
         "key_lookup": gw.key_lookup,
         "team_keys": keys,

@@ -1,25 +1,34 @@
-"""`llmgate up`: the whole gateway as one supervised tree, with demo backends when no vLLM answers."""
+"""`llmgate up`: nginx, proxycore, authsvc and the config watcher as one supervised tree.
+
+Demo backends (fake-vllm) start on loopback api_base ports where no vLLM answers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from controller.config import ConfigError, ProxyConfig, load_proxy_config
+from controller.config import ProxyConfig
+from controller.edge import EdgeReloader, ReloadResult, RunLayout, nginx_binary, wait_for_checksum
 from controller.supervisor import ChildSpec, Supervisor
+from controller.teams import GatewayConfig, hash_key, load_gateway_config
+from controller.yamlpath import ConfigError
 
 LLMGATE = [sys.executable, "-m", "controller.cli"]
-GENERATED_SECRETS = ("LLMGATE_MASTER_KEY", "LLMGATE_INTERNAL_KEY")
+GENERATED_SECRETS = ("LLMGATE_MASTER_KEY", "LLMGATE_INTERNAL_KEY", "LLMGATE_DEMO_KEY")
+WATCH_DEBOUNCE_MS = 150
 
 
-def ensure_secrets(run_dir: Path) -> dict[str, str]:
+def ensure_secrets(run_dir: Path) -> None:
     """Keys the gateway needs but the operator did not set: generated once, kept in run/secrets.env (0600)."""
     path = run_dir / "secrets.env"
     saved: dict[str, str] = {}
@@ -28,19 +37,16 @@ def ensure_secrets(run_dir: Path) -> dict[str, str]:
             name, _, value = line.partition("=")
             if value:
                 saved[name.strip()] = value.strip()
-    changed = False
-    for name in GENERATED_SECRETS:
-        if name not in os.environ and name not in saved:
-            saved[name] = "sk-" + secrets.token_urlsafe(32)
-            changed = True
-    if changed:
+    missing = [n for n in GENERATED_SECRETS if n not in os.environ and n not in saved]
+    for name in missing:
+        saved[name] = "sk-" + secrets.token_urlsafe(32)
+    if missing:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in saved.items())
     for name, value in saved.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in GENERATED_SECRETS}
 
 
 def _is_loopback(host: str) -> bool:
@@ -60,7 +66,7 @@ def demo_backends(config: ProxyConfig) -> dict[int, list[str]]:
     wanted: dict[int, list[str]] = {}
     for d in config.deployments:
         url = urlsplit(d.api_base)
-        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        host, port = url.hostname or "", url.port or 80
         if url.scheme != "http" or not _is_loopback(host) or _answers(host, port):
             continue
         models = wanted.setdefault(port, [])
@@ -69,59 +75,147 @@ def demo_backends(config: ProxyConfig) -> dict[int, list[str]]:
     return wanted
 
 
-async def _run(args: argparse.Namespace, config: ProxyConfig, keys: dict[str, str]) -> int:
-    sup = Supervisor()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: sup.signal_all(signal.SIGUSR1))
-    try:
-        demo = demo_backends(config) if args.demo != "never" else {}
+class Gateway:
+    """The running tree: children under a supervisor, and the watcher that reloads the edge."""
+
+    def __init__(self, args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, internal_key: str):
+        self.args, self.cfg, self.layout = args, cfg, layout
+        self.sup = Supervisor()
+        self.nginx = None
+        self.reloader = EdgeReloader(layout, args.config, args.teams, internal_key,
+                                     nginx_pid=self._nginx_pid, worker_processes=args.nginx_workers)
+        self._reload_lock = asyncio.Lock()
+
+    def _nginx_pid(self) -> int | None:
+        proc = self.nginx.proc if self.nginx else None
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    async def start(self) -> list[int]:
+        gw = self.cfg.teams.gateway
+        demo = demo_backends(self.cfg.proxy) if self.args.demo != "never" else {}
         for port, models in sorted(demo.items()):
             argv = [*LLMGATE, "fake-vllm", "--port", str(port), "--chunk-delay-ms", "20"]
             for m in models:
                 argv += ["--model", m]
-            await sup.add(ChildSpec(f"fake-vllm:{port}", argv, ready=r"listening on"))
-        proxy = [*LLMGATE, "proxy", "--config", args.config, "--host", args.host, "--port", str(args.port),
-                 "--workers", str(args.workers)]
-        if args.usage_log:
-            proxy += ["--usage-log", args.usage_log]
-        await sup.add(ChildSpec("proxy", proxy, ready=r"listening on"))
-    except RuntimeError as exc:
-        print(f"llmgate: {exc}", file=sys.stderr)
-        await sup.stop()
-        return 1
-    _banner(config, args, keys, sorted(demo))
-    await stop.wait()
-    print("llmgate: stopping", flush=True)
-    await sup.stop()
-    return 0
+            await self.sup.add(ChildSpec(f"fake-vllm:{port}", argv, ready=r"listening on"))
+        proxy = [*LLMGATE, "proxy", "--config", self.args.config, "--teams", self.args.teams,
+                 "--host", gw.proxy_listen.host, "--port", str(gw.proxy_listen.port),
+                 "--workers", str(gw.workers), "--usage-log", os.path.join(gw.log_dir, "usage.jsonl")]
+        await self.sup.add(ChildSpec("proxycore", proxy, ready=r"listening on"))
+        if gw.key_lookup == "service":
+            auth = [*LLMGATE, "auth", "--teams", self.args.teams]
+            await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on"))
+        first = self.reloader.initial()
+        if not first.ok:
+            raise RuntimeError(first.message)
+        prefix = self.layout.nginx_prefix
+        argv = [nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+        self.nginx = await self.sup.add(ChildSpec("nginx", argv))
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, wait_for_checksum, gw.listen, first.checksum, 15.0):
+            raise RuntimeError(f"nginx did not start serving on {gw.listen}; see {prefix / 'error.log'}")
+        record_reload(first)
+        return sorted(demo)
+
+    async def reload(self, reason: str) -> ReloadResult:
+        async with self._reload_lock:
+            result = await asyncio.get_running_loop().run_in_executor(None, self.reloader.apply)
+        record_reload(result)
+        if result.ok and self.reloader.current is not None:
+            self.cfg = self.reloader.current
+        print(f"llmgate: reload ({reason}): {result.status}: {result.message}", flush=True)
+        return result
+
+    async def watch(self) -> None:
+        from watchfiles import awatch
+
+        paths = {os.path.abspath(self.args.config), os.path.abspath(self.args.teams)}
+        dirs = {os.path.dirname(p) for p in paths}
+        async for changes in awatch(*dirs, watch_filter=lambda _c, p: os.path.abspath(p) in paths,
+                                    debounce=WATCH_DEBOUNCE_MS, step=50, recursive=False):
+            names = ", ".join(sorted({os.path.basename(p) for _, p in changes}))
+            await self.reload(f"{names} changed")
 
 
-def _banner(config: ProxyConfig, args: argparse.Namespace, keys: dict[str, str], demo_ports: list[int]) -> None:
-    base = f"http://{args.host}:{args.port}"
-    model = config.model_names()[0]
-    key = config.master_key or "none"
-    lines = [f"llmgate is up on {base} (models: {', '.join(config.model_names())})"]
+@functools.cache
+def _reload_metrics():
+    from prometheus_client import Counter, Gauge  # imported late: after PROMETHEUS_MULTIPROC_DIR is set
+
+    return (Counter("llmgate_config_reloads", "Config reloads by result", ["result"]),
+            Gauge("llmgate_config_hash", "First 48 bits of the live config checksum", multiprocess_mode="mostrecent"))
+
+
+def record_reload(result: ReloadResult) -> None:
+    reloads, config_hash = _reload_metrics()
+    reloads.labels(result.status).inc()
+    if result.ok and result.checksum:
+        config_hash.set(int(result.checksum[:12], 16))
+
+
+def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_file: Path) -> None:
+    gw = cfg.teams.gateway
+    host = gw.listen.loopback_host
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{gw.listen.port}"
+    lines = [f"llmgate is up on {base} (nginx {gw.listen} -> proxycore {gw.proxy_listen}; key lookup: {gw.key_lookup})",
+             f"models: {', '.join(cfg.proxy.model_names())}; teams: {', '.join(t.name for t in cfg.teams.teams) or 'none'}"]
     if demo_ports:
-        lines.append(f"no vLLM answered on port(s) {', '.join(map(str, demo_ports))}: serving the built-in demo backend there")
-    lines += [
-        "try:",
-        f"  curl -s {base}/v1/chat/completions -H 'Authorization: Bearer {key}' \\",
-        f"       -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
-        "Ctrl-C stops everything.",
-    ]
+        lines.append(f"no vLLM answered on port(s) {', '.join(map(str, demo_ports))}: the built-in demo backend serves there")
+    demo_key = os.environ.get("LLMGATE_DEMO_KEY", "")
+    index = cfg.teams.key_index()
+    owner = index.get(hash_key(demo_key)) if demo_key else None
+    if owner is not None:
+        team = owner[0]
+        model = (team.models or cfg.proxy.model_names())[0]
+        # The key is read from its file by the shell, so it never lands in a terminal log.
+        lines += [
+            f"try it with the demo key of team {team.name} (kept in {secrets_file}):",
+            f"  curl -s {base}/v1/chat/completions \\",
+            f"       -H \"Authorization: Bearer $(sed -n 's/^LLMGATE_DEMO_KEY=//p' {secrets_file})\" \\",
+            f"       -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+        ]
+    else:
+        lines.append("create a key for a team: llmgate key new --team TEAM --teams <teams.yaml>")
+    lines.append(f"logs: {gw.log_dir}; edit the two files and llmgate reloads; Ctrl-C stops everything.")
     print("\n".join(lines), flush=True)
 
 
-def run_up(args: argparse.Namespace) -> int:
-    keys = ensure_secrets(Path(args.run_dir))
+async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, internal_key: str) -> int:
+    gateway = Gateway(args, cfg, layout, internal_key)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.sup.signal_all(signal.SIGUSR1))  # reopen logs
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload("SIGHUP")))
     try:
-        config = load_proxy_config(args.config)
+        demo_ports = await gateway.start()
+    except RuntimeError as exc:
+        print(f"llmgate: {exc}", file=sys.stderr, flush=True)
+        await gateway.sup.stop()
+        return 1
+    _banner(gateway.cfg, demo_ports, layout.run_dir / "secrets.env")
+    watcher = asyncio.ensure_future(gateway.watch())
+    await stop.wait()
+    print("llmgate: stopping", flush=True)
+    watcher.cancel()
+    await gateway.sup.stop()
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    layout = RunLayout(Path(args.run_dir).resolve())
+    ensure_secrets(layout.run_dir)
+    # One metrics directory for every process of the gateway: proxycore's /metrics shows them all.
+    shutil.rmtree(layout.metrics_dir, ignore_errors=True)
+    layout.metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(layout.metrics_dir)
+    (layout.run_dir / "llmgate.pid").write_text(f"{os.getpid()}\n")
+    try:
+        cfg = load_gateway_config(args.config, args.teams)
     except ConfigError as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2
+    internal_key = cfg.teams.gateway.internal_key or os.environ["LLMGATE_INTERNAL_KEY"]
     import uvloop
 
-    return uvloop.run(_run(args, config, keys))
+    return uvloop.run(_run(args, cfg, layout, internal_key))

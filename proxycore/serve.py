@@ -103,7 +103,8 @@ def _announce(config: ProxyConfig, host: str, port: int, workers: int) -> None:
 
 def _supervise_workers(worker: ProxyWorker, count: int) -> int:
     """Fork `count` workers on one SO_REUSEPORT port; restart crashed ones; forward signals."""
-    metrics_dir = tempfile.mkdtemp(prefix="llmgate-metrics-")
+    own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # under `llmgate up` the whole gateway shares one
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="llmgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any worker imports prometheus_client
     worker.reuse_port = True
     children: dict[int, int] = {}  # pid -> slot
@@ -169,7 +170,8 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
         if not stopping:
             _, r = spawn(slot)
             os.close(r)
-    _remove_dir(metrics_dir)
+    if own_dir:
+        _remove_dir(metrics_dir)
     return 0
 
 
