@@ -23,7 +23,7 @@ system-deps:
 	fi
 
 up: venv system-deps
-	$(BIN)/llmgate up --config compose/config.yaml
+	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q

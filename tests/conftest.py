@@ -161,3 +161,57 @@ def http(method: str, url: str, body: bytes | dict | list | None = None, headers
             return HttpResponse(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
     except urllib.error.HTTPError as e:
         return HttpResponse(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+class Gateway:
+    """A running `llmgate up` in a temporary directory, with its files and addresses."""
+
+    def __init__(self, svc: Service, dir: Path, port: int, proxy_port: int, auth_port: int):
+        self.svc, self.dir, self.port, self.proxy_port, self.auth_port = svc, dir, port, proxy_port, auth_port
+        self.base = f"http://127.0.0.1:{port}"
+        self.config = dir / "config.yaml"
+        self.teams = dir / "teams.yaml"
+        self.run_dir = dir / "run"
+        self.log_dir = dir / "logs"
+
+    def write_teams(self, text: str) -> None:
+        """Replace teams.yaml the way editors do: write a temp file, then rename over it."""
+        tmp = self.dir / ".teams.yaml.swp"
+        tmp.write_text(text)
+        tmp.replace(self.teams)
+
+    def checksum(self) -> str:
+        return http("GET", self.base + "/-/config-hash").text.strip()
+
+    def reloads(self) -> list[str]:
+        return [line for line in self.svc.lines if "llmgate: reload" in line]
+
+
+def teams_yaml(port: int, proxy_port: int, auth_port: int, lookup: str, teams: str, extra: str = "",
+               log_dir: str = "logs") -> str:
+    return (f"gateway:\n  listen: 127.0.0.1:{port}\n  proxy_listen: 127.0.0.1:{proxy_port}\n"
+            f"  auth_listen: 127.0.0.1:{auth_port}\n  key_lookup: {lookup}\n  log_dir: {log_dir}\n{extra}"
+            f"teams:\n{teams}")
+
+
+def start_gateway(spawn, tmp_path: Path, teams: str, lookup: str = "map", deployments: list[dict] | None = None,
+                  extra: str = "", env: dict[str, str] | None = None) -> Gateway:
+    """`llmgate up` on its own ports; `teams` is the YAML under `teams:` (indented two spaces)."""
+    port, proxy_port, auth_port = free_port(), free_port(), free_port()
+    if deployments is None:
+        _, api_base = start_fake_vllm(spawn)
+        deployments = [{"model_name": "llama-3.1-8b-instruct", "api_base": api_base}]
+    write_config(tmp_path / "config.yaml", deployments)
+    (tmp_path / "teams.yaml").write_text(teams_yaml(port, proxy_port, auth_port, lookup, teams, extra))
+    svc = spawn([*LLMGATE, "up", "--config", str(tmp_path / "config.yaml"), "--teams", str(tmp_path / "teams.yaml"),
+                 "--run-dir", str(tmp_path / "run"), "--demo", "never", "--nginx-workers", "2"],
+                r"^llmgate is up|^llmgate: ", env=env, timeout=30)
+    if not any("llmgate is up" in line for line in svc.lines):
+        raise RuntimeError(f"llmgate up failed:\n{svc.output}")
+    return Gateway(svc, tmp_path, port, proxy_port, auth_port)
+
+
+def sha256_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
