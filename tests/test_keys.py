@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LLMGATE, ROOT
+from controller.keys import KeyCommandError, _replace_checked
 from controller.teams import hash_key, load_teams
 
 ENV_KEY = "sk-team-b-from-the-environment"
@@ -43,6 +44,10 @@ teams:
     rpm: 1
   team-e:
     keys: [sha256:{TWIN_2}, {{sha256: "{"e" * 64}", name: ci-bot}}]
+  team-f:
+    keys: []
+  team-g:
+    keys:              # none yet
 """
 
 
@@ -117,6 +122,8 @@ def test_label_that_yaml_would_read_as_a_boolean_is_quoted(teams_file: Path):
     ("team-d", [], ["    keys:", "      - sha256:DIGEST"]),
     ("team-e", [f'    keys: [sha256:{TWIN_2}, {{sha256: "{"e" * 64}", name: ci-bot}}]'],
      [f'    keys: [sha256:{TWIN_2}, {{sha256: "{"e" * 64}", name: ci-bot}}, sha256:DIGEST]']),
+    ("team-f", ["    keys: []"], ["    keys:", "      - sha256:DIGEST"]),
+    ("team-g", [], ["      - sha256:DIGEST"]),
 ])
 def test_new_key_for_a_team_without_a_block_list(teams_file: Path, team: str, removed: list[str], added: list[str]):
     key, _ = new_key(teams_file, team)
@@ -157,6 +164,18 @@ def test_an_edit_that_would_change_more_than_the_key_is_refused(tmp_path: Path):
     assert "sk-" not in result.stdout + result.stderr
     assert path.read_text() == shared
     assert [p.name for p in tmp_path.iterdir()] == ["teams.yaml"]
+
+
+@pytest.mark.parametrize("on_disk, edited", [
+    (TEAMS_YAML, TEAMS_YAML.replace("rpm: 60", "rpm: 61")),  # parses, but not to the model asked for
+    (TEAMS_YAML + "# someone else's edit\n", TEAMS_YAML),  # the file changed after it was read
+])
+def test_a_write_is_checked_before_it_replaces_the_file(teams_file: Path, on_disk: str, edited: str):
+    teams_file.write_text(on_disk)
+    with pytest.raises(KeyCommandError):
+        _replace_checked(str(teams_file), TEAMS_YAML, edited, load_teams(teams_file))
+    assert teams_file.read_text() == on_disk
+    assert [p.name for p in teams_file.parent.iterdir()] == ["teams.yaml"]
 
 
 @pytest.mark.parametrize("which", ["plaintext", "prefix", "full-hash", "label"])
