@@ -1,0 +1,197 @@
+"""authsvc: nginx's `auth_request` endpoint for team keys.
+
+nginx sends the client's `Authorization: Bearer <key>`; authsvc answers 204 with `X-Team` and
+`X-Key-Id` when the key's sha256 is in teams.yaml, else 401. The key index is replaced whole when
+teams.yaml changes (watched) or on SIGHUP, so adding or revoking a key needs no nginx reload.
+A teams.yaml that does not load leaves the previous index serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from controller.teams import Address, TeamsConfig, load_teams
+from controller.yamlpath import ConfigError
+
+# Same rules as nginx/llmgate.js (`Bearer ` prefix, any case; token trimmed; header up to 600
+# characters): nginx caches answers under the hash njs computes, so both must see the same key.
+_SCHEME = "bearer "
+_MAX_HEADER = 600
+_WATCH_DEBOUNCE_MS = 500  # longest wait while a file keeps changing
+_WATCH_STEP_MS = 50  # quiet time that ends a burst of changes (an editor's write + rename)
+_K8S_SWAP = "..data"  # a ConfigMap volume swaps this symlink, not the file's own name
+
+
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    sha256: str
+    headers: dict[str, str]  # X-Team and X-Key-Id, built once per key
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIndex:
+    """One loaded teams.yaml, as the handler reads it: sha256 hex -> KnownKey."""
+
+    keys: dict[str, KnownKey]
+    teams: int
+    auth_listen: Address
+
+    @classmethod
+    def from_teams(cls, config: TeamsConfig) -> "KeyIndex":
+        keys = {sha: KnownKey(sha, {"X-Team": team.name, "X-Key-Id": key.key_id})
+                for sha, (team, key) in config.key_index().items()}
+        return cls(keys, len(config.teams), config.gateway.auth_listen)
+
+
+class KeyStore:
+    """The live KeyIndex of one teams.yaml, replaced whole and only by a file that loads."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._last_bytes = _file_digest(self.path)
+        self.index = KeyIndex.from_teams(load_teams(self.path))  # a ConfigError here stops the start
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task] = set()
+
+    async def reload(self, force: bool = False) -> None:
+        """Load teams.yaml off the event loop; unless forced, only when its bytes changed."""
+        async with self._lock:  # one at a time, so an older file never lands after a newer one
+            digest = await asyncio.to_thread(_file_digest, self.path)
+            if not force and digest == self._last_bytes:
+                return
+            self._last_bytes = digest
+            try:
+                index = KeyIndex.from_teams(await asyncio.to_thread(load_teams, self.path))
+            except ConfigError as exc:
+                print(f"llmgate: authsvc kept the previous teams.yaml: {exc}", file=sys.stderr, flush=True)
+                return
+            self.index = index
+            print(f"authsvc reloaded {self.path}: {index.teams} teams, {len(index.keys)} keys", flush=True)
+
+    def reload_soon(self, force: bool = False) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(force))
+        self._pending.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._pending.discard)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Reload when the file changes; watches its directory, since editors replace files by rename."""
+        from watchfiles import awatch
+
+        directory, name = os.path.split(self.path)
+        try:
+            async for _ in awatch(directory, watch_filter=lambda _c, p: os.path.basename(p) in (name, _K8S_SWAP),
+                                  stop_event=stop, recursive=False, debounce=_WATCH_DEBOUNCE_MS, step=_WATCH_STEP_MS):
+                await self.reload()
+        except OSError as exc:
+            print(f"llmgate: authsvc stopped watching {directory} ({exc}); send SIGHUP to reload teams.yaml",
+                  file=sys.stderr, flush=True)
+
+
+def _file_digest(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).digest()
+    except OSError:
+        return None
+
+
+KEYS = web.AppKey("keys", KeyStore)
+
+
+async def auth(request: web.Request) -> web.Response:
+    header = request.headers.get("Authorization")
+    if header is None or len(header) > _MAX_HEADER or header[:7].lower() != _SCHEME:
+        return web.Response(status=401)
+    token = header[7:].strip()
+    if not token:
+        return web.Response(status=401)
+    # aiohttp decodes header bytes with surrogateescape; this gives back the bytes the client sent
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    known = request.app[KEYS].index.keys.get(digest)
+    if known is None or not hmac.compare_digest(known.sha256, digest):
+        return web.Response(status=401)
+    return web.Response(status=204, headers=known.headers)
+
+
+async def health(request: web.Request) -> web.Response:
+    store = request.app[KEYS]
+    index = store.index
+    body = {"status": "ok", "teams": index.teams, "keys": len(index.keys), "teams_file": store.path}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def make_auth_app(teams_path: str) -> web.Application:
+    """The authsvc app over one teams.yaml; raises ConfigError when the file does not load."""
+    store = KeyStore(teams_path)
+    app = web.Application()
+    app[KEYS] = store
+    app.router.add_route("*", "/auth", auth)
+    app.router.add_get("/health", health)
+    app.cleanup_ctx.append(_watch_teams_file)
+    return app
+
+
+async def _watch_teams_file(app: web.Application) -> AsyncIterator[None]:
+    store = app[KEYS]
+    stop = asyncio.Event()
+    task = asyncio.create_task(store.watch(stop))
+    await asyncio.sleep(0)  # the watcher registers with the OS on its first step
+    await store.reload()  # a change made before the watcher started
+    yield
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 2.0)
+    except asyncio.TimeoutError:
+        pass  # wait_for cancelled it
+
+
+def run_authsvc(args: argparse.Namespace) -> int:
+    try:
+        app = make_auth_app(args.teams)
+    except ConfigError as exc:
+        print(f"llmgate: {exc}", file=sys.stderr)
+        return 2
+    listen = app[KEYS].index.auth_listen
+    host = args.host if args.host is not None else listen.host
+    port = args.port if args.port is not None else listen.port
+
+    import uvloop
+
+    return uvloop.run(_serve(app, host, port))
+
+
+async def _serve(app: web.Application, host: str, port: int) -> int:
+    store = app[KEYS]
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"llmgate: authsvc cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, store.reload_soon, True)
+    port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+    shown = f"[{host}]" if ":" in host else host
+    index = store.index
+    print(f"llmgate authsvc listening on http://{shown}:{port} ({store.path}: {index.teams} teams, "
+          f"{len(index.keys)} keys)", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
