@@ -41,7 +41,6 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     _add_files(p)
     p.add_argument("--demo", choices=("auto", "never"), default="auto",
                    help="auto: start fake-vllm on loopback api_base ports where nothing listens")
-    p.add_argument("--nginx-workers", default="auto", help="nginx worker_processes")
 
 
 def _add_operate(sub: argparse._SubParsersAction) -> None:

@@ -142,15 +142,15 @@ class EdgeReloader:
     """Applies config.yaml + teams.yaml to a running nginx, verified; keeps the last good config otherwise."""
 
     def __init__(self, layout: RunLayout, config_path: str, teams_path: str, internal_key: str,
-                 nginx_pid: "int | Callable[[], int | None] | None" = None, worker_processes: str = "auto"):
+                 nginx_pid: "int | Callable[[], int | None] | None" = None):
         self.layout, self.config_path, self.teams_path = layout, config_path, teams_path
-        self.internal_key, self.nginx_pid, self.worker_processes = internal_key, nginx_pid, worker_processes
+        self.internal_key, self.nginx_pid = internal_key, nginx_pid
         self.current: GatewayConfig | None = None
+        self.applied_checksum: str | None = None  # of the config nginx was last seen serving
 
     def load_and_render(self, prefix: Path) -> tuple[GatewayConfig, RenderedConfig]:
         cfg = load_gateway_config(self.config_path, self.teams_path)
-        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, worker_processes=self.worker_processes,
-                                      work_dir=str(self.layout.work_dir(prefix)))
+        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, work_dir=str(self.layout.work_dir(prefix)))
 
     def check(self) -> tuple[GatewayConfig, RenderedConfig]:
         """Validate both files and `nginx -t` the result in the staging prefix; raise ConfigError/RenderError/CheckError."""
@@ -171,7 +171,7 @@ class EdgeReloader:
             return ReloadResult("failed", str(exc))
         self.layout.prepare(self.layout.nginx_prefix, cfg.teams.gateway.log_dir)
         write_rendered(live, self.layout.nginx_prefix)
-        self.current = cfg
+        self.current, self.applied_checksum = cfg, live.checksum
         return ReloadResult("applied", f"rendered {self.layout.nginx_prefix / 'nginx.conf'}", live.checksum)
 
     def apply(self) -> ReloadResult:
@@ -189,9 +189,9 @@ class EdgeReloader:
             return ReloadResult("failed", f"kept the previous config: {exc}")
         prefix = self.layout.nginx_prefix
         listen = cfg.teams.gateway.listen
-        old_listen = self.current.teams.gateway.listen if self.current else listen
         previous = read_rendered(prefix, list(live.files))
-        if previous == live.files and live_checksum(old_listen) == live.checksum:
+        # Not asked of nginx: right after a reload, a worker of the old generation may still answer.
+        if previous == live.files and self.applied_checksum == live.checksum:
             self.current = cfg
             return ReloadResult("unchanged", "the rendered nginx config did not change; no reload",
                                 live.checksum)
@@ -209,7 +209,7 @@ class EdgeReloader:
                 write_rendered(RenderedConfig(previous, ""), prefix)
             return ReloadResult("failed", "kept the previous config: nginx is not running")
         if wait_for_checksum(listen, live.checksum):
-            self.current = cfg
+            self.current, self.applied_checksum = cfg, live.checksum
             return ReloadResult("applied", f"nginx serves config {live.checksum[:12]}", live.checksum)
         # nginx -s reload "succeeds" even when the master rejects the new config (DESIGN fact 5).
         if previous is not None:

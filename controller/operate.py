@@ -58,6 +58,17 @@ def run_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def live_checksum_of(args: argparse.Namespace) -> str | None:
+    """What the running nginx serves, as far as its files say (a separate process has no memory of it)."""
+    from controller.edge import live_checksum
+    from controller.teams import load_teams
+
+    try:
+        return live_checksum(load_teams(args.teams).gateway.listen)
+    except ConfigError:
+        return None
+
+
 def run_reload(args: argparse.Namespace) -> int:
     layout = RunLayout(Path(args.run_dir).resolve())
     pid_file = layout.nginx_prefix / "nginx.pid"
@@ -69,7 +80,9 @@ def run_reload(args: argparse.Namespace) -> int:
     metrics = layout.metrics_dir
     if metrics.is_dir():
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics))
-    result = _reloader(args, nginx_pid=pid).apply()
+    reloader = _reloader(args, nginx_pid=pid)
+    reloader.applied_checksum = live_checksum_of(args)
+    result = reloader.apply()
     if metrics.is_dir():
         record_reload(result)
     print(f"llmgate: reload: {result.status}: {result.message}", file=sys.stdout if result.ok else sys.stderr)

@@ -52,7 +52,7 @@ def find_js_module() -> str:
 
 
 def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_module: str | None = None,
-                      worker_processes: str = "auto", work_dir: str | None = None) -> RenderedConfig:
+                      work_dir: str | None = None) -> RenderedConfig:
     """nginx.conf, llmgate.js and internal-auth.conf for the nginx prefix `prefix`.
 
     `work_dir` holds what nginx workers write (temp files, the auth cache); it defaults to `prefix/work`.
@@ -68,7 +68,7 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "sources": " and ".join(re.sub(r"[^A-Za-z0-9_.-]", "_", Path(f).name) for f in (cfg.teams.path, cfg.proxy.path)),
         "checksum_placeholder": CHECKSUM_PLACEHOLDER,
         "js_module": q(js_module or find_js_module()),
-        "worker_processes": worker_processes if re.fullmatch(r"auto|[0-9]{1,3}", worker_processes) else "auto",
+        "worker_processes": gw.nginx_workers,
         "at": lambda rel: _path(prefix.rstrip("/") + ("/" + rel if rel else "")),
         "work": lambda rel: _path(work.rstrip("/") + "/" + rel),
         "map_hash_max_size": max(2048, 1 << math.ceil(math.log2(max(1, len(keys)) * 2))),

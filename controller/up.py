@@ -82,9 +82,9 @@ class Gateway:
         self.args, self.cfg, self.layout = args, cfg, layout
         self.sup = Supervisor()
         self.nginx = None
-        self.reloader = EdgeReloader(layout, args.config, args.teams, internal_key,
-                                     nginx_pid=self._nginx_pid, worker_processes=args.nginx_workers)
+        self.reloader = EdgeReloader(layout, args.config, args.teams, internal_key, nginx_pid=self._nginx_pid)
         self._reload_lock = asyncio.Lock()
+        self.started = asyncio.Event()  # the watcher runs from the start; changes before this wait for it
 
     def _nginx_pid(self) -> int | None:
         proc = self.nginx.proc if self.nginx else None
@@ -133,6 +133,7 @@ class Gateway:
         dirs = {os.path.dirname(p) for p in paths}
         async for changes in awatch(*dirs, watch_filter=lambda _c, p: os.path.abspath(p) in paths,
                                     debounce=WATCH_DEBOUNCE_MS, step=50, recursive=False):
+            await self.started.wait()
             names = ", ".join(sorted({os.path.basename(p) for _, p in changes}))
             await self.reload(f"{names} changed")
 
@@ -187,14 +188,16 @@ async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, 
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.sup.signal_all(signal.SIGUSR1))  # reopen logs
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload("SIGHUP")))
+    watcher = asyncio.ensure_future(gateway.watch())  # before anything starts: no edit goes unseen
     try:
         demo_ports = await gateway.start()
     except RuntimeError as exc:
         print(f"llmgate: {exc}", file=sys.stderr, flush=True)
+        watcher.cancel()
         await gateway.sup.stop()
         return 1
+    gateway.started.set()
     _banner(gateway.cfg, demo_ports, layout.run_dir / "secrets.env")
-    watcher = asyncio.ensure_future(gateway.watch())
     await stop.wait()
     print("llmgate: stopping", flush=True)
     watcher.cancel()

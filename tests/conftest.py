@@ -190,7 +190,7 @@ class Gateway:
 def teams_yaml(port: int, proxy_port: int, auth_port: int, lookup: str, teams: str, extra: str = "",
                log_dir: str = "logs") -> str:
     return (f"gateway:\n  listen: 127.0.0.1:{port}\n  proxy_listen: 127.0.0.1:{proxy_port}\n"
-            f"  auth_listen: 127.0.0.1:{auth_port}\n  key_lookup: {lookup}\n  log_dir: {log_dir}\n{extra}"
+            f"  auth_listen: 127.0.0.1:{auth_port}\n  key_lookup: {lookup}\n  log_dir: {log_dir}\n  nginx_workers: 2\n{extra}"
             f"teams:\n{teams}")
 
 
@@ -204,7 +204,7 @@ def start_gateway(spawn, tmp_path: Path, teams: str, lookup: str = "map", deploy
     write_config(tmp_path / "config.yaml", deployments)
     (tmp_path / "teams.yaml").write_text(teams_yaml(port, proxy_port, auth_port, lookup, teams, extra))
     svc = spawn([*LLMGATE, "up", "--config", str(tmp_path / "config.yaml"), "--teams", str(tmp_path / "teams.yaml"),
-                 "--run-dir", str(tmp_path / "run"), "--demo", "never", "--nginx-workers", "2"],
+                 "--run-dir", str(tmp_path / "run"), "--demo", "never"],
                 r"^llmgate is up|^llmgate: ", env=env, timeout=30)
     if not any("llmgate is up" in line for line in svc.lines):
         raise RuntimeError(f"llmgate up failed:\n{svc.output}")
