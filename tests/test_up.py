@@ -1,0 +1,72 @@
+"""`llmgate up` as one supervised tree: the banner's curl works, crashed children come back, SIGTERM stops all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+from conftest import http, sha256_hex, start_gateway, wait_until
+
+TEAMS = """  demo:
+    keys: [os.environ/LLMGATE_DEMO_KEY]
+"""
+
+
+def children(pid: int) -> dict[int, str]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(line.split(None, 1)[0]): line.split(None, 1)[1] for line in out.strip().splitlines()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_banner_curl_command_works(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, TEAMS)
+    lines = gw.svc.lines
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+    command = "\n".join(lines[start:start + 3])
+    assert f"127.0.0.1:{gw.port}" in command
+    key = (gw.run_dir / "secrets.env").read_text().split("LLMGATE_DEMO_KEY=")[1].split()[0]
+    assert key not in gw.svc.output  # read from its file by the shell, never printed
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert '"chat.completion"' in run.stdout, run.stdout + run.stderr
+
+
+def test_crashed_children_are_restarted(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, TEAMS)
+    key = (gw.run_dir / "secrets.env").read_text().split("LLMGATE_DEMO_KEY=")[1].split()[0]
+    body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+
+    def ok() -> bool:
+        return http("POST", gw.base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}).status == 200
+
+    kids = children(gw.svc.pid)
+    proxy = next(pid for pid, args in kids.items() if " proxy " in args)
+    nginx = next(pid for pid, args in kids.items() if "nginx" in args)
+    os.kill(proxy, signal.SIGKILL)
+    assert wait_until(lambda: "proxycore exited" in gw.svc.output, timeout=5)
+    assert wait_until(ok, timeout=10)
+    os.kill(nginx, signal.SIGKILL)
+    assert wait_until(lambda: "nginx exited" in gw.svc.output, timeout=5)
+    assert wait_until(ok, timeout=10)
+    assert re.search(r"restarting in \d", gw.svc.output)
+
+
+def test_sigterm_stops_the_whole_tree(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, TEAMS, lookup="service")
+    kids = children(gw.svc.pid)
+    assert len(kids) == 3  # proxycore, authsvc, nginx (the fake backend belongs to the test)
+    grandkids = [g for k in kids for g in children(k)]  # nginx workers
+    assert gw.svc.stop() == 0
+    for pid in [*kids, *grandkids]:
+        assert wait_until(lambda: not alive(pid), timeout=5), f"{pid} outlived llmgate up"
+    assert "llmgate: stopping" in gw.svc.output
