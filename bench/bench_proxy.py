@@ -333,11 +333,22 @@ def run_wrk(scenario: Scenario, script: Path, duration_s: int) -> WrkResult:
 
 
 def measure(scenario: Scenario, servers: dict[str, Server], duration_s: int, warmup_s: int,
-            workdir: Path) -> Row:
+            attempts: int, workdir: Path) -> Row:
+    """The phase, repeated while other processes disturb it (up to `attempts`); the quietest counts."""
     set_chunk_delay(servers["backend"], scenario.chunk_delay_ms)
     events = probe(scenario)
     script = workdir / "request.lua"
     write_wrk_script(scenario, script)
+    tries = [measure_once(scenario, servers, duration_s, warmup_s, script, events)]
+    while tries[-1].other_cpu_pct > BUSY_NEIGHBOURS_PCT and len(tries) < attempts:
+        print(f"    {tries[-1].other_cpu_pct:.0f} % of a core used by other processes; measuring again",
+              file=sys.stderr, flush=True)
+        tries.append(measure_once(scenario, servers, duration_s, warmup_s, script, events))
+    return min(tries, key=lambda row: row.other_cpu_pct)
+
+
+def measure_once(scenario: Scenario, servers: dict[str, Server], duration_s: int, warmup_s: int,
+                 script: Path, events: int | None) -> Row:
     run_wrk(scenario, script, warmup_s)  # opens the connections, fills the proxy's upstream pool
     busy_before, own_before = machine_busy_ticks(), own_and_reaped_children_s()
     before = {role: cpu_ticks(server.proc.pid) for role, server in servers.items()}
@@ -479,12 +490,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s phases, 1 s warm-up")
     p.add_argument("--chunk-delay-ms", type=float, default=1.0,
                    help="backend pause between streamed chunks (default 1), so that chunks travel apart")
+    p.add_argument("--attempts", type=int, default=3,
+                   help=f"measure a phase up to this many times while other processes use more than "
+                        f"{BUSY_NEIGHBOURS_PCT:g} %% of a core (default 3); the quietest attempt counts")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 1, 1
-    if not 1 <= args.duration <= 120 or not 1 <= args.warmup <= 30:
-        p.error("--duration must be 1 to 120 s and --warmup 1 to 30 s")
+    if not 1 <= args.duration <= 120 or not 1 <= args.warmup <= 30 or not 1 <= args.attempts <= 10:
+        p.error("--duration must be 1 to 120 s, --warmup 1 to 30 s, --attempts 1 to 10")
     return args
 
 
@@ -516,7 +530,7 @@ def run(args: argparse.Namespace) -> str:
             for scenario in build_scenarios(backend_port, proxy_port, args.chunk_delay_ms):
                 print(f"  {scenario.name}, {scenario.connections} conn(s), stream={scenario.stream} ...",
                       file=sys.stderr, flush=True)
-                rows.append(measure(scenario, servers, args.duration, args.warmup, workdir))
+                rows.append(measure(scenario, servers, args.duration, args.warmup, args.attempts, workdir))
             goals = proxycore_goals(rows, servers["proxy"])
             return report(args, rows, goals, servers)
         finally:
@@ -539,9 +553,9 @@ def report(args: argparse.Namespace, rows: list[Row], goals: list[Goal], servers
     busy = [f"{r.scenario.name}, {r.scenario.connections} conn(s), stream={r.scenario.stream}: "
             f"{r.other_cpu_pct:.0f} %" for r in rows if r.other_cpu_pct > BUSY_NEIGHBOURS_PCT]
     if busy:
-        parts.append(f"WARNING: other processes used more than {BUSY_NEIGHBOURS_PCT:g} % of a core during some "
-                     "phases; they inflate CPU figures too (shared caches, hypervisor steal). Rerun on a quiet "
-                     "machine:\n" + "\n".join("  " + b for b in busy))
+        parts.append(f"WARNING: other processes used more than {BUSY_NEIGHBOURS_PCT:g} % of a core during these "
+                     f"phases in each of {args.attempts} attempts; they inflate CPU figures too (shared caches, "
+                     "hypervisor steal). Rerun on a quiet machine:\n" + "\n".join("  " + b for b in busy))
     return "\n\n".join(parts) + "\n"
 
 
