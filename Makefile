@@ -28,7 +28,8 @@ up: venv system-deps
 test: venv system-deps
 	$(BIN)/python -m pytest -q
 
-bench: venv
+bench: venv system-deps
+	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk; }
 	$(BIN)/python bench/bench_proxy.py
 
 clean:
