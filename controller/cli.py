@@ -73,6 +73,20 @@ def _add_key(sub: argparse._SubParsersAction) -> None:
     revoke.add_argument("which", help="the key itself, its sha256, a hash prefix of 12+ hex digits, or its name")
 
 
+def _add_usage(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("usage", help="usage per team, model, day and key, from the logs")
+    p.add_argument("--logs", action="append", metavar="DIR_OR_FILE",
+                   help="log directory or file (repeatable); default: log_dir of --teams, else ./logs")
+    p.add_argument("--teams", default="teams.yaml", help="for the default log directory and --budget")
+    p.add_argument("--since", help="first day (YYYY-MM-DD) or timestamp, inclusive")
+    p.add_argument("--until", help="last day (YYYY-MM-DD, inclusive) or timestamp (exclusive)")
+    p.add_argument("--team", help="only this team")
+    p.add_argument("--by", default="team,model,day", help="group by any of team,model,day,key")
+    p.add_argument("--format", choices=("table", "csv", "json", "html"), default="table")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--budget", action="store_true", help="each team's month-to-date use against its budget")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proxy(sub)
     _add_up(sub)
     _add_operate(sub)
+    _add_usage(sub)
     _add_auth(sub)
     _add_key(sub)
     return parser
@@ -103,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from controller import operate
 
         return getattr(operate, f"run_{args.command}")(args)
+    if args.command == "usage":
+        from controller.usage import run_usage
+
+        return run_usage(args)
     if args.command == "auth":
         from authsvc.server import run_authsvc
 

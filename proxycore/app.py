@@ -18,17 +18,17 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from controller.config import ConfigError, ProxyConfig, load_proxy_config
-from controller.teams import TeamsConfig, load_teams
+from controller.teams import Team, TeamsConfig, load_teams
 from proxycore import metrics
 from proxycore.errors import error_response, upstream_error_message
 from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
+from proxycore.quota import DEFAULT_COMPLETION_ESTIMATE, PROMPT_BYTES_PER_TOKEN, Clock, Quotas, TeamMeter, month_id, next_month
 from proxycore.usage_log import UsageLog
 
 log = logging.getLogger("llmgate.proxy")
@@ -50,6 +50,7 @@ class Gateway:
     master_key: bytes | None
     internal_key: bytes | None
     team_models: dict[str, frozenset[str] | None] | None = None  # team -> allow-list (None: all); None: no teams file
+    teams: dict[str, Team] = field(default_factory=dict)
 
     @classmethod
     def build(cls, config: ProxyConfig, internal_key: str | None = None, teams: TeamsConfig | None = None,
@@ -61,6 +62,7 @@ class Gateway:
             internal_key=internal_key.encode() if internal_key else None,
             team_models=None if teams is None else {
                 t.name: frozenset(t.models) if t.models is not None else None for t in teams.teams},
+            teams={t.name: t for t in teams.teams} if teams else {},
         )
 
     def allowed_models(self, team: str | None) -> frozenset[str] | None:
@@ -101,6 +103,8 @@ class LiveGateway:
 LIVE = web.AppKey("live", LiveGateway)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 USAGE = web.AppKey("usage", UsageLog)
+QUOTAS = web.AppKey("quotas", Quotas)
+CLOCK = web.AppKey("clock", Clock)
 
 
 @dataclass(slots=True)
@@ -124,6 +128,9 @@ class Exchange:
     error: str | None = None
     holding: bool = False  # an attempt is counted in its deployment's in-flight
     routed: bool = False  # the model is a configured one
+    meter: TeamMeter | None = None  # the team's shared counters, when teams.yaml is in use
+    tpm_minute: int = 0
+    tpm_charge: int = 0  # tokens charged up front to this minute
 
 
 class UpstreamFailure(Exception):
@@ -209,6 +216,13 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
             return error_response(403, f"Team `{team}` may not use model `{ex.model}`. Allowed: "
                                   f"{', '.join(sorted(allowed)) or 'none'}.", "model_not_allowed", "model",
                                   headers=rid_header)
+        quotas = app.get(QUOTAS)
+        policy = gw.teams.get(team) if team else None
+        if policy is not None and quotas is not None:
+            refusal = _charge_quota(quotas, policy, body, request.content_length or 0, ex)
+            if refusal is not None:
+                refusal.headers.update(rid_header)
+                return refusal
         if ex.stream:
             return await _relay_stream(request, gw, body, group, ex)
         return await _relay_unary(request, gw, body, group, ex)
@@ -223,7 +237,7 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         raise
     finally:
         _release(ex, answered=ex.status == 200)
-        _record(app, ex)
+        _record(app, gw, ex)
 
 
 async def _read_body(request: web.Request, kind: str, gw: Gateway) -> tuple[dict, web.Response | None]:
@@ -262,6 +276,57 @@ async def _read_body(request: web.Request, kind: str, gw: Gateway) -> tuple[dict
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             return {}, error_response(400, f"`{name}` must be a non-negative integer.", "invalid_type", name)
     return body, None
+
+
+def _charge_quota(quotas: Quotas, team: Team, body: dict, body_bytes: int, ex: Exchange) -> web.Response | None:
+    """Refuse a team over its monthly budget or its tokens per minute; else charge the minute up front."""
+    meter = ex.meter = quotas.meter(team.name)
+    now = quotas.clock.now()
+    budget = team.budget
+    if budget is not None:
+        tokens, usd = meter.month_used(month_id(now))
+        over = (budget.tokens_per_month is not None and tokens >= budget.tokens_per_month,
+                budget.usd_per_month is not None and usd >= budget.usd_per_month)
+        if any(over):
+            ex.status, ex.error = 429, "insufficient_quota"
+            metrics.rate_limit_hit(team.name, "budget")
+            used = (f"{tokens:,} of its {budget.tokens_per_month:,} tokens" if over[0]
+                    else f"${usd:,.2f} of its ${budget.usd_per_month:,.2f}")
+            return error_response(429, f"Team `{team.name}` has used {used} for {now:%B %Y}; the budget resets on "
+                                  f"{next_month(now):%Y-%m-%d} 00:00 UTC.", "insufficient_quota",
+                                  type_="insufficient_quota", headers={"x-should-retry": "false"})
+    if team.tpm is not None:
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        completion = 0 if ex.kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+        charge = body_bytes // PROMPT_BYTES_PER_TOKEN + completion
+        minute = quotas.minute()
+        if not meter.reserve(minute, charge, team.tpm):
+            ex.status, ex.error = 429, "rate_limit_exceeded"
+            metrics.rate_limit_hit(team.name, "tpm")
+            wait = quotas.seconds_to_next_minute()
+            return error_response(429, f"Team `{team.name}` reached its limit of {team.tpm:,} tokens per minute; "
+                                  f"retry in {wait} s.", "rate_limit_exceeded", type_="tokens",
+                                  headers={"Retry-After": str(wait)})
+        ex.tpm_minute, ex.tpm_charge = minute, charge
+    return None
+
+
+def _settle_quota(app: web.Application, gw: Gateway, ex: Exchange, cost: float) -> None:
+    """Count the real use: month-to-date for budgets, and the minute's up-front charge corrected."""
+    meter = ex.meter
+    assert meter is not None
+    tokens = ex.prompt_tokens + ex.completion_tokens
+    if ex.tpm_charge:
+        meter.reconcile(ex.tpm_minute, tokens - ex.tpm_charge)
+    if tokens or cost:
+        quotas = app[QUOTAS]
+        used_tokens, used_usd = meter.add(month_id(quotas.clock.now()), tokens, cost)
+        team = gw.teams.get(ex.team or "")
+        if team is not None and team.budget is not None:
+            b = team.budget
+            ratios = [used_tokens / b.tokens_per_month if b.tokens_per_month else 0.0,
+                      used_usd / b.usd_per_month if b.usd_per_month else 0.0]
+            metrics.budget_used(team.name, max(ratios))
 
 
 def _attempt_plan(gw: Gateway, group: ModelGroup) -> list[ModelGroup]:
@@ -487,7 +552,7 @@ def _take_usage(ex: Exchange, usage: dict) -> None:
     ex.completion_tokens = c if isinstance(c, int) else 0
 
 
-def _record(app: web.Application, ex: Exchange) -> None:
+def _record(app: web.Application, gw: Gateway, ex: Exchange) -> None:
     """One usage-log line and the request metrics; off the client's path (after the answer is built)."""
     now = time.monotonic()
     latency = now - ex.started
@@ -508,11 +573,13 @@ def _record(app: web.Application, ex: Exchange) -> None:
         m.output_tokens.inc(ex.completion_tokens)
         if cost:
             m.cost.inc(cost)
+    if ex.meter is not None:
+        _settle_quota(app, gw, ex, cost)
     usage = app.get(USAGE)
     if usage is None:
         return
     usage.write({
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": app[CLOCK].now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "request_id": ex.request_id,
         "team": ex.team,
         "key_id": ex.key_id,
@@ -700,9 +767,12 @@ async def _watch_config_files(app: web.Application):
     loop.remove_signal_handler(signal.SIGHUP)
 
 
-def make_app(live: LiveGateway, *, usage_log: UsageLog | None = None) -> web.Application:
+def make_app(live: LiveGateway, *, usage_log: UsageLog | None = None, quotas: Quotas | None = None) -> web.Application:
     app = web.Application(client_max_size=live.gw.config.max_request_bytes, middlewares=[json_errors])
     app[LIVE] = live
+    app[CLOCK] = quotas.clock if quotas else Clock()
+    if quotas is not None:
+        app[QUOTAS] = quotas
     app[STARTED] = time.time()
     if usage_log is not None:
         app[USAGE] = usage_log

@@ -24,6 +24,9 @@ COST = Counter("llmgate_cost_usd", "Cost in USD from model_info prices", ["team"
 BACKEND_ERRORS = Counter("llmgate_backend_errors", "Failed attempts at a deployment", ["deployment", "kind"])
 IN_FLIGHT = Gauge("llmgate_requests_in_flight", "Requests in flight per deployment", ["deployment"],
                   multiprocess_mode="livesum")
+RATE_LIMIT_HITS = Counter("llmgate_rate_limit_hits", "Requests refused by a limit", ["team", "kind"])
+BUDGET_USED = Gauge("llmgate_budget_used_ratio", "Month-to-date use over the team's budget (the larger of tokens and USD)",
+                    ["team"], multiprocess_mode="mostrecent")
 DEPLOYMENT_UP = Gauge("llmgate_deployment_up", "1 when the deployment is in rotation", ["deployment"],
                       multiprocess_mode="livemin")
 
@@ -77,3 +80,11 @@ def in_flight(deployment: str):
     if child is None:
         child = _in_flight[deployment] = IN_FLIGHT.labels(deployment)
     return child
+
+
+def rate_limit_hit(team: str, kind: str) -> None:
+    RATE_LIMIT_HITS.labels(team, kind).inc()
+
+
+def budget_used(team: str, ratio: float) -> None:
+    BUDGET_USED.labels(team).set(ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -42,9 +43,29 @@ def run_proxy(args: argparse.Namespace) -> int:
             print(f"llmgate: {exc}", file=sys.stderr)
             return 2
     worker = ProxyWorker(config, teams, args, os.environ.get("LLMGATE_INTERNAL_KEY"))
-    if args.workers == 1:
-        return worker.run(announce=True)
-    return _supervise_workers(worker, args.workers)
+    if teams is not None:
+        worker.quota_dir = tempfile.mkdtemp(prefix="llmgate-quota-")
+        _rebuild_month_to_date(worker.quota_dir, teams, args.usage_log)
+    try:
+        if args.workers == 1:
+            return worker.run(announce=True)
+        return _supervise_workers(worker, args.workers)
+    finally:
+        if worker.quota_dir:
+            shutil.rmtree(worker.quota_dir, ignore_errors=True)
+
+
+def _rebuild_month_to_date(quota_dir: str, teams: TeamsConfig, usage_log: str | None) -> None:
+    """Budgets survive restarts: the month's use is summed from the usage logs before any worker serves."""
+    from controller.usage import month_to_date
+    from proxycore.quota import Quotas, month_id
+
+    quotas = Quotas(quota_dir)
+    now = quotas.clock.now()
+    used = month_to_date(usage_log, now) if usage_log else {}
+    for team in teams.teams:
+        tokens, usd = used.get(team.name, (0, 0.0))
+        quotas.meter(team.name).set_month(month_id(now), tokens, usd)
 
 
 class ProxyWorker:
@@ -55,6 +76,7 @@ class ProxyWorker:
         self.config, self.teams, self.host, self.port = config, teams, args.host, args.port
         self.config_path, self.teams_path, self.usage_path = args.config, args.teams, args.usage_log
         self.internal_key_env, self.reuse_port = internal_key_env, reuse_port
+        self.quota_dir: str | None = None  # shared counters of budgets and TPM, when teams.yaml is in use
 
     def run(self, announce: bool = False, ready_fd: int | None = None) -> int:
         import uvloop
@@ -71,7 +93,9 @@ class ProxyWorker:
         internal_key = (self.teams.gateway.internal_key if self.teams else None) or self.internal_key_env
         live = LiveGateway(Gateway.build(self.config, internal_key, self.teams), self.config_path, self.teams_path,
                            self.internal_key_env)
-        app = make_app(live, usage_log=usage)
+        from proxycore.quota import Quotas
+
+        app = make_app(live, usage_log=usage, quotas=Quotas(self.quota_dir) if self.quota_dir else None)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_port=self.reuse_port, backlog=2048)

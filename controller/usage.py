@@ -1,0 +1,430 @@
+"""`llmgate usage`: reports per team, model, day and key from proxycore's usage log and nginx's access log.
+
+Reads line by line (rotated and gzip-compressed files too), in memory bounded by the number of
+groups, not of lines. Each request is counted once: from proxycore's usage line when proxycore
+handled it, else from nginx's access line (401, 429 from limit_req, 421, 413, proxycore down).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import orjson
+
+GROUP_FIELDS = ("team", "model", "day", "key")
+OUTCOMES = ("ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors", "server_errors")
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+_ROTATED = re.compile(r"^(usage|access)[^/]*\.jsonl(\.\d+)?(\.gz)?$")
+
+
+# ---------------------------------------------------------------- percentiles in bounded memory
+
+_BUCKET_BASE = 1.02  # each bucket is 2 % wide: percentiles come out within 1 % of the exact value
+_LOG_BASE = math.log(_BUCKET_BASE)
+
+
+class Histogram:
+    """A sparse log-bucketed histogram of milliseconds; memory grows with the value range, not the count."""
+
+    __slots__ = ("counts", "n")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        b = int(math.log(ms) / _LOG_BASE) if ms > 0.01 else -233  # everything under 10 µs in one bucket
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.n += 1
+
+    def merge(self, other: "Histogram") -> None:
+        for b, c in other.counts.items():
+            self.counts[b] = self.counts.get(b, 0) + c
+        self.n += other.n
+
+    def quantile(self, q: float) -> float | None:
+        if not self.n:
+            return None
+        rank = max(1, math.ceil(q * self.n))
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return round(_BUCKET_BASE ** (b + 0.5), 3)  # the bucket's geometric middle
+        return None
+
+
+# ---------------------------------------------------------------- groups
+
+@dataclass
+class Group:
+    requests: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+
+    def as_dict(self) -> dict:
+        return {
+            "requests": self.requests,
+            **self.outcomes,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "p50_ms": self.latency.quantile(0.50),
+            "p95_ms": self.latency.quantile(0.95),
+            "ttft_p50_ms": self.ttft.quantile(0.50),
+        }
+
+
+def outcome(status: int, error: str | None) -> str:
+    if 200 <= status < 300:
+        return "ok"
+    if status == 429:
+        return "quota_exceeded" if error == "insufficient_quota" else "rate_limited"
+    if status == 401:
+        return "unauthorized"
+    if status == 403:
+        return "forbidden"
+    if status < 500:
+        return "client_errors"
+    return "server_errors"
+
+
+@dataclass
+class Skipped:
+    partial: int = 0  # an unfinished last line (a log being written)
+    malformed: int = 0  # not JSON, or JSON of another shape (an older format)
+    examples: list[str] = field(default_factory=list)  # file:line of the first few
+
+    @property
+    def total(self) -> int:
+        return self.partial + self.malformed
+
+    def note(self, where: str, partial: bool = False) -> None:
+        if partial:
+            self.partial += 1
+        else:
+            self.malformed += 1
+        if len(self.examples) < 20:
+            self.examples.append(where + (" (partial last line)" if partial else ""))
+
+
+@dataclass
+class Filters:
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    team: str | None = None
+
+
+class UsageReport:
+    """Accumulates requests into groups keyed by the chosen fields."""
+
+    def __init__(self, by: tuple[str, ...], filters: Filters):
+        self.by, self.filters = by, filters
+        self.groups: dict[tuple, Group] = {}
+        self.skipped = Skipped()
+        self.lines = 0
+        self._day_index = {f: i for i, f in enumerate(GROUP_FIELDS)}
+
+    def _group(self, team, model, day, key) -> Group:
+        values = (team, model, day, key)
+        k = tuple(values[self._day_index[f]] for f in self.by)
+        g = self.groups.get(k)
+        if g is None:
+            g = self.groups[k] = Group()
+        return g
+
+    def _keep(self, ts: datetime, team: str | None) -> bool:
+        f = self.filters
+        if f.team is not None and team != f.team:
+            return False
+        if f.since is not None and ts < f.since:
+            return False
+        return f.until is None or ts < f.until
+
+    def add_usage(self, d: dict) -> bool:
+        """A proxycore usage line; False when it does not have the current shape."""
+        try:
+            status = d["status"]
+            ts = _parse_ts(d["ts"])
+            team, model, key = d["team"], d["model"], d["key_id"]
+            prompt, completion = d["prompt_tokens"], d["completion_tokens"]
+            latency, ttft, cost, error = d["latency_ms"], d.get("ttft_ms"), d.get("cost") or 0.0, d.get("error")
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not isinstance(status, int) or not isinstance(prompt, int) or not isinstance(completion, int):
+            return False
+        if not self._keep(ts, team):
+            return True
+        g = self._group(team, model, ts.date().isoformat(), key)
+        g.requests += 1
+        g.outcomes[outcome(status, error)] += 1
+        g.prompt_tokens += prompt
+        g.completion_tokens += completion
+        g.cost_usd += cost
+        if isinstance(latency, (int, float)):
+            g.latency.add(latency)
+        if isinstance(ttft, (int, float)) and d.get("stream"):
+            g.ttft.add(ttft)
+        return True
+
+    def add_access(self, d: dict) -> bool:
+        """An nginx access line; counted only when proxycore did not answer (its own line counts those)."""
+        try:
+            status = int(d["status"])
+            ts = _parse_ts(d["time"])
+            answered_by_proxycore = d["proxied"]
+            team, key = d["team"] or None, d["key_id"] or None
+            request_time = float(d["request_time"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if answered_by_proxycore:
+            return True
+        if not self._keep(ts, team):
+            return True
+        g = self._group(team, None, ts.date().isoformat(), key)
+        g.requests += 1
+        g.outcomes[outcome(status, None)] += 1
+        g.latency.add(request_time * 1000)
+        return True
+
+    def rows(self) -> list[dict]:
+        out = []
+        for k in sorted(self.groups, key=lambda t: tuple("" if v is None else str(v) for v in t)):
+            row = dict(zip(self.by, k))
+            row.update(self.groups[k].as_dict())
+            out.append(row)
+        return out
+
+    def as_json(self) -> dict:
+        return {"groups": self.rows(), "skipped_lines": self.skipped.total}
+
+
+def _parse_ts(value: str) -> datetime:
+    if value.endswith("Z"):
+        value = value[:-1] + "+00:00"
+    ts = datetime.fromisoformat(value)
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc)
+
+
+# ---------------------------------------------------------------- reading
+
+def log_files(paths: Iterable[str]) -> list[tuple[Path, str]]:
+    """(file, kind) for every usage/access log in the given files or directories, rotated ones included."""
+    found: list[tuple[Path, str]] = []
+    for p in map(Path, paths):
+        candidates = sorted(p.iterdir()) if p.is_dir() else [p]
+        for f in candidates:
+            if not f.is_file():
+                continue
+            m = _ROTATED.match(f.name)
+            if m:
+                found.append((f, m.group(1)))
+            elif not p.is_dir():
+                raise FileNotFoundError(f"{f}: not a usage.jsonl or access.jsonl log (rotated names like usage.jsonl.1.gz count)")
+    return found
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb", buffering=1 << 20)
+
+
+def read_logs(report: UsageReport, files: list[tuple[Path, str]], progress: "Progress | None" = None) -> None:
+    loads = orjson.loads
+    for path, kind in files:
+        add = report.add_usage if kind == "usage" else report.add_access
+        with _open(path) as f:
+            lineno = 0
+            for raw in f:
+                lineno += 1
+                report.lines += 1
+                if progress is not None and lineno & 0xFFFF == 0:
+                    progress.update(path, f)
+                if not raw.endswith(b"\n"):
+                    report.skipped.note(f"{path}:{lineno}", partial=True)
+                    continue
+                try:
+                    d = loads(raw)
+                except orjson.JSONDecodeError:
+                    report.skipped.note(f"{path}:{lineno}")
+                    continue
+                if not isinstance(d, dict) or not add(d):
+                    report.skipped.note(f"{path}:{lineno}")
+        if progress is not None:
+            progress.file_done(path)
+
+
+class Progress:
+    """A one-line progress bar on stderr, for big inputs on a terminal."""
+
+    def __init__(self, files: list[tuple[Path, str]]):
+        self.sizes = {p: p.stat().st_size for p, _ in files}
+        self.total = sum(self.sizes.values()) or 1
+        self.done = 0
+
+    def update(self, path: Path, f) -> None:
+        try:
+            pos = f.fileobj.tell() if hasattr(f, "fileobj") and f.fileobj else f.tell()
+        except (OSError, ValueError):
+            return
+        self._draw(self.done + pos)
+
+    def file_done(self, path: Path) -> None:
+        self.done += self.sizes[path]
+        self._draw(self.done)
+
+    def _draw(self, at: int) -> None:
+        share = min(1.0, at / self.total)
+        bar = "#" * int(share * 40)
+        sys.stderr.write(f"\rreading logs [{bar:<40}] {share * 100:5.1f}% of {self.total / 1e6:,.0f} MB")
+        if share >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- output
+
+COLUMNS = ("requests", "ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors",
+           "server_errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "p50_ms", "p95_ms",
+           "ttft_p50_ms")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.6f}".rstrip("0").rstrip(".") if abs(v) < 1 else f"{v:,.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_table(report: UsageReport) -> str:
+    header = [*report.by, *COLUMNS]
+    rows = [[_cell(r.get(c)) if c in COLUMNS else ("(no key)" if r[c] is None and c in ("team", "key") else _cell(r[c]))
+             for c in header] for r in report.rows()]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i < len(report.by) else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if i < len(report.by) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    lines.append(f"{len(rows)} groups from {report.lines:,} lines; {report.skipped.total} skipped "
+                 f"({report.skipped.partial} partial, {report.skipped.malformed} malformed)")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(report: UsageReport) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*report.by, *COLUMNS])
+    for r in report.rows():
+        w.writerow(["" if r[c] is None else r[c] for c in (*report.by, *COLUMNS)])
+    return buf.getvalue()
+
+
+def format_json(report: UsageReport) -> str:
+    return orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def parse_day(value: str, end: bool = False) -> datetime:
+    """A date (YYYY-MM-DD) or an ISO timestamp; `--until` of a date includes that whole day."""
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            d = date.fromordinal(date.fromisoformat(value).toordinal() + (1 if end else 0))
+            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+        return _parse_ts(value)
+    except ValueError:
+        raise ValueError(f"expected a date like 2026-11-01 or an ISO timestamp, got {value!r}") from None
+
+
+def run_usage(args) -> int:
+    by = tuple(f.strip() for f in args.by.split(",") if f.strip())
+    bad = [f for f in by if f not in GROUP_FIELDS]
+    if bad or not by or len(set(by)) != len(by):
+        print(f"llmgate: --by: expected a comma-separated list of {', '.join(GROUP_FIELDS)}, got {args.by!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        filters = Filters(parse_day(args.since) if args.since else None,
+                          parse_day(args.until, end=True) if args.until else None, args.team)
+    except ValueError as exc:
+        print(f"llmgate: --since/--until: {exc}", file=sys.stderr)
+        return 2
+    try:
+        files = log_files(args.logs or [_default_log_dir(args)])
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"llmgate: {exc}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"llmgate: no usage.jsonl or access.jsonl logs in {', '.join(args.logs or [_default_log_dir(args)])}",
+              file=sys.stderr)
+        return 2
+    report = UsageReport(by, filters)
+    total = sum(p.stat().st_size for p, _ in files)
+    progress = Progress(files) if sys.stderr.isatty() and total > PROGRESS_MIN_BYTES else None
+    read_logs(report, files, progress)
+    if args.budget:
+        from controller.usage_budget import budget_report
+
+        text = budget_report(args, files)
+    elif args.format == "table":
+        text = format_table(report)
+    elif args.format == "csv":
+        text = format_csv(report)
+    elif args.format == "json":
+        text = format_json(report)
+    else:
+        from controller.usage_html import format_html
+
+        text = format_html(report)
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    else:
+        sys.stdout.write(text)
+    if report.skipped.total and args.format != "json":
+        print(f"llmgate: skipped {report.skipped.total} line(s): {', '.join(report.skipped.examples[:5])}"
+              + (" ..." if report.skipped.total > 5 else ""), file=sys.stderr)
+    return 0
+
+
+def _default_log_dir(args) -> str:
+    teams = getattr(args, "teams", None)
+    if teams and os.path.exists(teams):
+        from controller.teams import load_teams
+
+        try:
+            return load_teams(teams).gateway.log_dir
+        except Exception:  # noqa: BLE001 - the report can still run on ./logs
+            pass
+    return "logs"
+
+
+def month_to_date(usage_log: str, now: datetime) -> dict[str, tuple[int, float]]:
+    """Each team's tokens and USD this month, from a usage log and its rotated siblings."""
+    path = Path(usage_log)
+    if not path.parent.is_dir():
+        return {}
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    files = [(p, kind) for p, kind in log_files([str(path.parent)]) if kind == "usage" and p.name.startswith(path.name)]
+    report = UsageReport(("team",), Filters(since=start))
+    read_logs(report, files)
+    return {k[0]: (g.prompt_tokens + g.completion_tokens, g.cost_usd) for k, g in report.groups.items() if k[0]}
