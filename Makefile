@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 APT    := DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: up test bench venv system-deps clean
+.PHONY: up test bench venv system-deps test-deps clean
 
 venv: $(STAMP)
 
@@ -16,16 +16,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# nginx with the njs module (issue: the edge); installed only when missing.
+# nginx with the njs module for the edge; installed only when missing.
 system-deps:
 	@if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] || [ ! -e /usr/lib/nginx/modules/ngx_http_js_module.so ]; then \
 		$(APT) update -qq && $(APT) install -y -qq nginx libnginx-mod-http-js; \
 	fi
 
+# What only the tests need: headless Chromium for pages (Debian's package).
+test-deps: system-deps
+	@command -v chromium >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium; }
+
 up: venv system-deps
 	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml
 
-test: venv system-deps
+test: venv test-deps
 	$(BIN)/python -m pytest -q
 
 bench: venv system-deps

@@ -1,14 +1,17 @@
-"""Benchmark proxycore against the backend it fronts, in one run: `make bench`.
+"""Benchmark proxycore and the full gateway against the backend they front, in one run: `make bench`.
 
-Starts a fake vLLM server and proxycore on loopback, drives every scenario with wrk at a fixed
-number of connections, and reads each server's CPU time (utime + stime) and RSS from /proc
-around every load phase. Prints one row per scenario, then the ratios the project tracks, each
-beside its goal. The method is written down in docs/performance.md.
+Starts a fake vLLM server on loopback and, one after the other, the stacks in front of it:
+proxycore alone, nginx alone, and `llmgate up` (nginx, proxycore, authsvc) in each key-lookup
+mode. Drives every scenario with wrk at a fixed number of connections, and reads each
+process's CPU time (utime + stime) and RSS from /proc around every load phase. Prints one row
+per scenario, then the ratios the project tracks, each beside its goal. The method is written
+down in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -22,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,11 +34,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b-instruct"
 MASTER_KEY = "sk-bench-master"
+TEAM_KEY = "sk-bench-team"  # the gateway rows' key; teams.yaml holds only its sha256
+NGINX = "/usr/sbin/nginx"
 STREAM_CHUNKS = 64  # content chunks per streamed answer (one token each)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_POLL_S = 0.005
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+UP_STOP_TIMEOUT_S = 20.0  # `llmgate up` gives its children 10 s before it kills them
+ROLES = ("nginx", "authsvc", "proxycore", "backend")  # the request's path, in the order of the table's columns
+EDGE_CPU_GOAL_US = 100.0
 COARSE_TICKS = 50
 BUSY_NEIGHBOURS_PCT = 10.0  # CPU used outside the benchmark, in % of one core, that makes a phase suspect
 
@@ -86,16 +96,15 @@ def chat_body(stream: bool) -> dict:
     return body
 
 
-def build_scenarios(backend_port: int, proxy_port: int, chunk_delay_ms: float) -> list[Scenario]:
-    targets = [
-        ("direct", f"http://127.0.0.1:{backend_port}/v1/chat/completions", {}, ("backend",)),
-        ("proxycore", f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
-         {"Authorization": f"Bearer {MASTER_KEY}"}, ("proxy", "backend")),
-    ]
+def build_scenarios(name: str, port: int, key: str | None, measured: tuple[str, ...],
+                    chunk_delay_ms: float) -> list[Scenario]:
+    """The four rows of one path: non-streaming and streaming, at 1 and at 32 connections."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     return [
-        Scenario(name, url, {"Content-Type": "application/json", **headers}, chat_body(stream), measured,
+        Scenario(name, f"http://127.0.0.1:{port}/v1/chat/completions", headers, chat_body(stream), measured,
                  connections, chunk_delay_ms if stream else 0.0)
-        for name, url, headers, measured in targets
         for stream in (False, True)
         for connections in (1, 32)
     ]
@@ -105,12 +114,22 @@ def build_scenarios(backend_port: int, proxy_port: int, chunk_delay_ms: float) -
 
 @dataclass
 class Server:
-    role: str
-    proc: subprocess.Popen
-    port: int
+    """A process on the request path, with its descendants (nginx workers); its CPU and RSS are read from /proc."""
+
+    label: str  # its line in the process table
+    pid: int
     log_path: Path
-    ready_s: float = 0.0
+    proc: subprocess.Popen | None = None  # None: a child of `llmgate up`, which starts and stops it
+    tree: bool = True  # False: this process alone (`llmgate up`, whose children are read apart)
+    port: int = 0  # where it serves, where the benchmark talks to it directly
+    ready_s: float | None = None
     idle_rss_mib: float = 0.0
+    loaded_rss_mib: float = 0.0  # right after the last phase it served
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return proc_state(self.pid) not in (None, "Z")
 
 
 def free_port() -> int:
@@ -119,16 +138,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: [0] is field 3 of proc(5), "state"; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def proc_state(pid: int) -> str | None:
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of proc(5): tells a process from a later one that reuses its PID."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
 def process_tree(root: int) -> list[int]:
     """`root` and its live descendants (proxy workers, nginx workers)."""
     parent_of: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue  # exited while we looked
-            parent_of[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            fields = stat_fields(int(entry))
+            if fields is not None:  # else it exited while we looked
+                parent_of[int(entry)] = int(fields[1])
     tree, frontier = [root], [root]
     while frontier:
         children = [pid for pid, ppid in parent_of.items() if ppid in frontier]
@@ -137,16 +174,17 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def cpu_ticks(root: int) -> int:
-    """utime + stime of the tree, plus cutime + cstime (children that already exited)."""
+def pids_of(server: Server) -> list[int]:
+    return process_tree(server.pid) if server.tree else [server.pid]
+
+
+def cpu_ticks(server: Server) -> int:
+    """utime + stime of the process (tree), plus cutime + cstime (children that already exited)."""
     ticks = 0
-    for pid in process_tree(root):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 of proc(5), "state"
-        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    for pid in pids_of(server):
+        fields = stat_fields(pid)
+        if fields is not None:
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return ticks
 
 
@@ -166,10 +204,10 @@ def own_and_reaped_children_s() -> float:
     return total
 
 
-def rss_mib(root: int) -> float:
-    """VmRSS of the tree, in MiB."""
+def rss_mib(server: Server) -> float:
+    """VmRSS of the process (tree), in MiB."""
     kib = 0
-    for pid in process_tree(root):
+    for pid in pids_of(server):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
@@ -190,38 +228,58 @@ def http_get_status(port: int, path: str, timeout: float = 0.5) -> int | None:
         conn.close()
 
 
-def start_server(role: str, argv: list[str], port: int, health_path: str, workdir: Path) -> Server:
-    """Spawn the server and poll `health_path` every few ms; ready_s is spawn -> first 200."""
-    log_path = workdir / f"{role}.log"
+def spawn(label: str, argv: list[str], workdir: Path, tree: bool = True) -> Server:
+    log_path = workdir / f"{label.replace(' ', '-')}.log"
     with open(log_path, "wb") as log:
-        started = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(role, proc, port, log_path)
+    return Server(label, proc.pid, log_path, proc, tree)
+
+
+def wait_ready(server: Server, started: float, is_ready) -> None:
+    """Polls `is_ready()` every few ms; ready_s is spawn -> first success."""
+    assert server.proc is not None
+    while not is_ready():
+        if server.proc.poll() is not None:
+            raise BenchError(f"{server.label} exited with status {server.proc.returncode} before it was ready:\n"
+                             f"{tail(server.log_path)}")
+        if time.perf_counter() - started > READY_TIMEOUT_S:
+            raise BenchError(f"{server.label} was not ready after {READY_TIMEOUT_S:g} s:\n{tail(server.log_path)}")
+        time.sleep(READY_POLL_S)
+    server.ready_s = time.perf_counter() - started
+    server.idle_rss_mib = rss_mib(server)
+
+
+def start_server(label: str, argv: list[str], port: int, health_path: str, workdir: Path) -> Server:
+    """Spawn the server and poll `health_path` until it answers 200."""
+    started = time.perf_counter()
+    server = spawn(label, argv, workdir)
+    server.port = port
     try:
-        while http_get_status(port, health_path) != 200:
-            if proc.poll() is not None:
-                raise BenchError(f"{role} exited with status {proc.returncode} before it was ready:\n{tail(log_path)}")
-            if time.perf_counter() - started > READY_TIMEOUT_S:
-                raise BenchError(f"{role} was not ready after {READY_TIMEOUT_S:g} s:\n{tail(log_path)}")
-            time.sleep(READY_POLL_S)
+        wait_ready(server, started, lambda: http_get_status(port, health_path) == 200)
     except BaseException:
         stop_server(server)
         raise
-    server.ready_s = time.perf_counter() - started
-    server.idle_rss_mib = rss_mib(proc.pid)
     return server
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: Server, timeout: float = STOP_TIMEOUT_S) -> None:
     proc = server.proc
-    if proc.poll() is not None:
+    if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        stop_server(server)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -229,6 +287,169 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def write_proxy_config(path: Path, backend_port: int) -> None:
+    """config.yaml in LiteLLM's format: one deployment, the fake backend."""
+    path.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        f"    litellm_params: {{model: hosted_vllm/{MODEL}, "
+        f"api_base: \"http://127.0.0.1:{backend_port}/v1\", api_key: \"\"}}\n"
+        f"general_settings: {{master_key: {MASTER_KEY}}}\n")
+
+
+# ---------------------------------------------------------------- nginx alone
+
+def start_nginx_alone(backend_port: int, workdir: Path) -> tuple[Server, int]:
+    """The system nginx in a private prefix, proxying straight to the backend as the gateway proxies to
+    proxycore (HTTP/1.1, keep-alive upstream, unbuffered, the gateway's JSON access log), without auth."""
+    prefix = workdir / "nginx-alone"
+    prefix.mkdir()
+    port = free_port()
+    (prefix / "nginx.conf").write_text(f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    default_type application/json;
+    keepalive_timeout 65s;
+    client_max_body_size 32m;
+    log_format bench_json escape=json '{{"request_id":"$request_id","time":"$time_iso8601","team":"",'
+        '"key_id":"","host":"$host","method":"$request_method","uri":"$request_uri",'
+        '"status":$status,"request_time":$request_time,"upstream_response_time":"$upstream_response_time",'
+        '"upstream_addr":"$upstream_addr","bytes":$bytes_sent}}';
+    access_log {prefix}/access.jsonl bench_json;
+    upstream backend {{
+        server 127.0.0.1:{backend_port};
+        keepalive 128;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /-/ready {{ return 200 "ok\\n"; }}
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Request-ID $request_id;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+""")
+    argv = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+    return start_server("nginx alone", argv, port, "/-/ready", workdir), port
+
+
+# ---------------------------------------------------------------- the full gateway
+
+@dataclass(frozen=True)
+class Gateway:
+    port: int  # where nginx listens
+    up: Server  # `llmgate up` itself; its CPU counts as the benchmark's own, not as "other"
+    parts: dict[str, Server]  # role (nginx, authsvc, proxycore) -> its child of `llmgate up`
+    run_dir: Path
+
+
+def start_gateway(key_lookup: str, backend_port: int, workdir: Path) -> Gateway:
+    """`llmgate up` with one team whose key is TEAM_KEY; ready when it prints `llmgate is up`."""
+    base = workdir / f"gateway-{key_lookup}"
+    base.mkdir()
+    port, proxy_port, auth_port = free_port(), free_port(), free_port()
+    config, teams, run_dir = base / "config.yaml", base / "teams.yaml", base / "run"
+    write_proxy_config(config, backend_port)
+    teams.write_text(f"""\
+gateway:
+  listen: 127.0.0.1:{port}
+  proxy_listen: 127.0.0.1:{proxy_port}
+  auth_listen: 127.0.0.1:{auth_port}
+  key_lookup: {key_lookup}
+  log_dir: {base / "logs"}
+  nginx_workers: 1
+teams:
+  bench:
+    keys: [sha256:{hashlib.sha256(TEAM_KEY.encode()).hexdigest()}]
+    rpm: 10000000
+""")
+    argv = [sys.executable, "-m", "controller.cli", "up", "--config", str(config), "--teams", str(teams),
+            "--run-dir", str(run_dir), "--demo", "never"]
+    started = time.perf_counter()
+    up = spawn(f"gateway {key_lookup}: llmgate up", argv, workdir, tree=False)
+    gateway = Gateway(port, up, {}, run_dir)
+    try:
+        wait_ready(up, started, lambda: "\nllmgate is up" in "\n" + up.log_path.read_text(errors="replace"))
+        gateway.parts.update(gateway_children(up, key_lookup))
+    except BaseException:
+        stop_gateway(gateway)
+        raise
+    return gateway
+
+
+CHILD_ROLES = {"proxy": "proxycore", "auth": "authsvc"}  # `llmgate <command>` -> role
+
+
+def gateway_children(up: Server, key_lookup: str) -> dict[str, Server]:
+    """The children of `llmgate up` by role, told apart by their command lines."""
+    parts: dict[str, Server] = {}
+    for pid in process_tree(up.pid)[1:]:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc_ppid(pid) != up.pid:
+            continue  # a grandchild: an nginx worker
+        command = argv[argv.index("controller.cli") + 1] if "controller.cli" in argv[:-1] else ""
+        role = "nginx" if argv[0].startswith("nginx: master") else CHILD_ROLES.get(command)
+        if role is not None:
+            parts[role] = Server(up.label.replace("llmgate up", role), pid, up.log_path)
+            parts[role].idle_rss_mib = rss_mib(parts[role])
+    wanted = {"nginx", "proxycore"} | ({"authsvc"} if key_lookup == "service" else set())
+    if set(parts) != wanted:
+        raise BenchError(f"llmgate up runs {sorted(parts)}, expected {sorted(wanted)}:\n{tail(up.log_path)}")
+    return parts
+
+
+def proc_ppid(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
+def stop_gateway(gateway: Gateway) -> list[int]:
+    """SIGTERM to `llmgate up`, which stops its children. Kills, and returns, whatever of its tree is left."""
+    tree = [(pid, start_time(pid)) for pid in process_tree(gateway.up.pid)[1:]]
+    stop_server(gateway.up, UP_STOP_TIMEOUT_S)
+    left = [pid for pid, started in tree if started is not None and start_time(pid) == started
+            and proc_state(pid) != "Z"]
+    for pid in left:
+        print(f"bench_proxy: pid {pid} of llmgate up outlived it; killing it", file=sys.stderr, flush=True)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    from controller.edge import RunLayout  # where nginx workers running as `nobody` keep their files
+
+    layout = RunLayout(gateway.run_dir.resolve())
+    if layout.work_dir(layout.nginx_prefix) != layout.nginx_prefix / "work":
+        shutil.rmtree(layout.work_dir(layout.nginx_prefix), ignore_errors=True)
+    return left
+
+
+@contextmanager
+def running_gateway(key_lookup: str, backend_port: int, workdir: Path) -> Iterator[Gateway]:
+    gateway = start_gateway(key_lookup, backend_port, workdir)
+    try:
+        yield gateway
+    finally:
+        left = stop_gateway(gateway)
+    if left:
+        raise BenchError(f"llmgate up left processes {left} running after SIGTERM (killed now)")
 
 
 # ---------------------------------------------------------------- one load phase
@@ -351,14 +572,14 @@ def measure_once(scenario: Scenario, servers: dict[str, Server], duration_s: int
                  script: Path, events: int | None) -> Row:
     run_wrk(scenario, script, warmup_s)  # opens the connections, fills the proxy's upstream pool
     busy_before, own_before = machine_busy_ticks(), own_and_reaped_children_s()
-    before = {role: cpu_ticks(server.proc.pid) for role, server in servers.items()}
+    before = {role: cpu_ticks(server) for role, server in servers.items()}
     result = run_wrk(scenario, script, duration_s)
-    after = {role: cpu_ticks(server.proc.pid) for role, server in servers.items()}
+    after = {role: cpu_ticks(server) for role, server in servers.items()}
     busy_s = (machine_busy_ticks() - busy_before) / CLK_TCK
     own_s = own_and_reaped_children_s() - own_before
     for server in servers.values():
-        if server.proc.poll() is not None:
-            raise BenchError(f"{server.role} exited during {scenario.name}:\n{tail(server.log_path)}")
+        if not server.alive():
+            raise BenchError(f"{server.label} exited during {scenario.name}:\n{tail(server.log_path)}")
     if result.requests == 0:
         raise BenchError(f"{scenario.name}: no request completed in {duration_s:g} s")
     ticks = {role: after[role] - before[role] for role in servers}
@@ -368,6 +589,19 @@ def measure_once(scenario: Scenario, servers: dict[str, Server], duration_s: int
                {role: ticks[role] for role in scenario.measured}, max(0.0, other_s / result.seconds * 100), events)
 
 
+def measure_stage(scenarios: list[Scenario], servers: dict[str, Server], args: argparse.Namespace,
+                  workdir: Path) -> list[Row]:
+    """The scenarios of one stack, in order; `servers` is every process the benchmark runs meanwhile."""
+    rows = []
+    for scenario in scenarios:
+        print(f"  {scenario.name}, {scenario.connections} conn(s), stream={scenario.stream} ...",
+              file=sys.stderr, flush=True)
+        rows.append(measure(scenario, servers, args.duration, args.warmup, args.attempts, workdir))
+    for server in servers.values():
+        server.loaded_rss_mib = rss_mib(server)
+    return rows
+
+
 # ---------------------------------------------------------------- goals
 
 @dataclass(frozen=True)
@@ -375,12 +609,13 @@ class Goal:
     what: str
     value: float
     unit: str
-    limit: float
-    inclusive: bool  # "≤ limit" rather than "< limit"
+    limit: float | None  # None: reported beside the goals, without one
+    inclusive: bool = False  # "≤ limit" rather than "< limit"
     note: str = ""
 
     @property
     def met(self) -> bool:
+        assert self.limit is not None
         return self.value <= self.limit if self.inclusive else self.value < self.limit
 
 
@@ -395,29 +630,58 @@ def find_row(rows: list[Row], name: str, connections: int, stream: bool) -> Row:
 def worse(values: dict[int, float]) -> tuple[float, str]:
     """The larger value and where it came from; goals are judged on the less favourable load."""
     conns = max(values, key=values.__getitem__)
-    return values[conns], f"{conns} conn{'s' if conns > 1 else ''}"
+    return values[conns], conns_label(conns)
+
+
+def conns_label(connections: int) -> str:
+    return f"{connections} conn{'s' if connections > 1 else ''}"
 
 
 def proxycore_goals(rows: list[Row], proxy: Server) -> list[Goal]:
     unary = {c: find_row(rows, "proxycore", c, False) for c in (1, 32)}
     stream = {c: find_row(rows, "proxycore", c, True) for c in (1, 32)}
     direct = find_row(rows, "direct", 1, False)
-    cpu_ratio = {c: r.cpu_us["proxy"] / r.cpu_us["backend"] for c, r in unary.items()}
-    per_chunk = {c: r.cpu_us["proxy"] / r.events_per_stream for c, r in stream.items()}
-    marginal = {c: (stream[c].cpu_us["proxy"] - unary[c].cpu_us["proxy"]) / stream[c].events_per_stream
+    cpu_ratio = {c: r.cpu_us["proxycore"] / r.cpu_us["backend"] for c, r in unary.items()}
+    per_chunk = {c: r.cpu_us["proxycore"] / r.events_per_stream for c, r in stream.items()}
+    marginal = {c: (stream[c].cpu_us["proxycore"] - unary[c].cpu_us["proxycore"]) / stream[c].events_per_stream
                 for c in (1, 32)}
     ratio, ratio_at = worse(cpu_ratio)
     chunk, chunk_at = worse(per_chunk)
     return [
-        Goal(f"proxy CPU / backend CPU per request (non-streaming, {ratio_at})", ratio, "x", 2.0, True,
-             "; ".join(f"{c} conn{'s' if c > 1 else ''}: {v:.2f}x" for c, v in cpu_ratio.items())),
-        Goal("added p50 latency (non-streaming, 1 conn)", unary[1].p50_ms - direct.p50_ms, "ms", 0.5, False,
-             f"added p99: {unary[1].p99_ms - direct.p99_ms:.3f} ms"),
-        Goal(f"proxy CPU per streamed chunk ({chunk_at})", chunk, "µs", 40.0, True,
-             "; ".join(f"{c} conn{'s' if c > 1 else ''}: {per_chunk[c]:.1f} µs (marginal {marginal[c]:.1f})"
-                       for c in (1, 32))),
-        Goal("proxy RSS idle", proxy.idle_rss_mib, "MiB", 80.0, False, f"after load: {rss_mib(proxy.proc.pid):.1f} MiB"),
-        Goal("proxy spawn to ready (GET /health/liveliness 200)", proxy.ready_s, "s", 1.0, False),
+        Goal(f"proxycore CPU / backend CPU per request (non-streaming, {ratio_at})", ratio, "x", 2.0, True,
+             "; ".join(f"{conns_label(c)}: {v:.2f}x" for c, v in cpu_ratio.items())),
+        Goal("added p50 latency, proxycore over direct (non-streaming, 1 conn)", unary[1].p50_ms - direct.p50_ms,
+             "ms", 0.5, False, f"added p99: {unary[1].p99_ms - direct.p99_ms:.3f} ms"),
+        Goal(f"proxycore CPU per streamed chunk ({chunk_at})", chunk, "µs", 40.0, True,
+             "; ".join(f"{conns_label(c)}: {per_chunk[c]:.1f} µs (marginal {marginal[c]:.1f})" for c in (1, 32))),
+        Goal("proxycore RSS idle", proxy.idle_rss_mib, "MiB", 80.0, False,
+             f"after load: {proxy.loaded_rss_mib:.1f} MiB"),
+        Goal("proxycore spawn to ready (GET /health/liveliness 200)", proxy.ready_s or 0.0, "s", 1.0, False),
+    ]
+
+
+def gateway_goals(rows: list[Row], key_lookup: str) -> list[Goal]:
+    """What the edge (nginx, and authsvc when it looks keys up) adds to proxycore, in CPU and in latency."""
+    name = f"gateway-{key_lookup}"
+    edge_roles = ("nginx", "authsvc") if key_lookup == "service" else ("nginx",)
+    unary = {c: find_row(rows, name, c, False) for c in (1, 32)}
+    edge = {c: sum(r.cpu_us[role] for role in edge_roles) for c, r in unary.items()}
+    alone = {c: find_row(rows, "nginx", c, False).cpu_us["nginx"] for c in (1, 32)}
+    whole = {c: sum(r.cpu_us.values()) - sum(find_row(rows, "proxycore", c, False).cpu_us.values())
+             for c, r in unary.items()}
+    value, at = worse(edge)
+    parts = " + ".join(edge_roles)
+    direct, proxycore = find_row(rows, "direct", 1, False), find_row(rows, "proxycore", 1, False)
+    return [
+        Goal(f"edge CPU per request over proxycore alone, {key_lookup} ({parts}, non-streaming, {at})", value,
+             "µs", EDGE_CPU_GOAL_US, True,
+             "; ".join(f"{conns_label(c)}: {edge[c]:.0f} µs (nginx alone {alone[c]:.0f})" for c in (1, 32))
+             + "; whole path over the proxycore row: "
+             + ", ".join(f"{whole[c]:+.0f} µs" for c in (1, 32))),
+        Goal(f"added p50 latency, gateway {key_lookup} over direct (non-streaming, 1 conn)",
+             unary[1].p50_ms - direct.p50_ms, "ms", None,
+             note=f"over proxycore: {unary[1].p50_ms - proxycore.p50_ms:+.3f} ms; "
+                  f"added p99 over direct: {unary[1].p99_ms - direct.p99_ms:.3f} ms"),
     ]
 
 
@@ -438,8 +702,7 @@ def table(header: list[str], body: list[list[str]], markdown: bool) -> str:
 
 
 def rows_table(rows: list[Row], markdown: bool) -> str:
-    roles = [role for role in ("proxy", "backend") if any(role in r.cpu_us for r in rows)]
-    roles += sorted({role for r in rows for role in r.cpu_us} - set(roles))
+    roles = [role for role in ROLES if any(role in r.cpu_us for r in rows)]
     header = ["scenario", "conns", "stream", "req/s", "p50 ms", "p99 ms"]
     header += [f"{role} CPU µs/req" for role in roles] + ["events/stream", "other CPU %"]
     body = []
@@ -458,16 +721,16 @@ DECIMALS = {"x": 2, "ms": 3, "µs": 1, "MiB": 1, "s": 3}
 
 
 def goals_table(goals: list[Goal], markdown: bool) -> str:
-    header = ["proxycore", "measured", "goal", "result", "also"]
+    header = ["measure", "measured", "goal", "result", "also"]
     body = [[g.what, f"{g.value:.{DECIMALS[g.unit]}f} {g.unit}".replace(" x", "x"),
-             f"{'≤' if g.inclusive else '<'} {g.limit:g} {g.unit}".replace(" x", "x"),
-             "goal met" if g.met else "goal missed", g.note] for g in goals]
+             "-" if g.limit is None else f"{'≤' if g.inclusive else '<'} {g.limit:g} {g.unit}".replace(" x", "x"),
+             "-" if g.limit is None else "goal met" if g.met else "goal missed", g.note] for g in goals]
     return table(header, body, markdown)
 
 
-def servers_table(servers: dict[str, Server], markdown: bool) -> str:
-    body = [[s.role, f"{s.ready_s:.3f}", f"{s.idle_rss_mib:.1f}", f"{rss_mib(s.proc.pid):.1f}"]
-            for s in servers.values()]
+def servers_table(servers: list[Server], markdown: bool) -> str:
+    body = [[s.label, "-" if s.ready_s is None else f"{s.ready_s:.3f}", f"{s.idle_rss_mib:.1f}",
+             f"{s.loaded_rss_mib:.1f}"] for s in servers]
     return table(["process", "spawn to ready s", "RSS idle MiB", "RSS after load MiB"], body, markdown)
 
 
@@ -505,40 +768,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     if shutil.which("wrk") is None:
         raise BenchError("wrk is not installed: apt-get install -y wrk")
+    if not os.access(NGINX, os.X_OK):
+        raise BenchError(f"{NGINX} is missing: make system-deps (apt-get install -y nginx libnginx-mod-http-js)")
     python = sys.executable
-    servers: dict[str, Server] = {}
+    started: list[Server] = []  # in start order, for the process table
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="llmgate-bench-") as tmp:
         workdir = Path(tmp)
-        try:
-            backend_port, proxy_port = free_port(), free_port()
-            servers["backend"] = start_server(
-                "backend", [python, "-m", "controller.cli", "fake-vllm", "--port", str(backend_port),
-                            "--model", MODEL, "--stream-chunks", str(STREAM_CHUNKS)],
-                backend_port, "/health", workdir)
-            config = workdir / "config.yaml"
-            config.write_text(
-                "model_list:\n"
-                f"  - model_name: {MODEL}\n"
-                f"    litellm_params: {{model: hosted_vllm/{MODEL}, "
-                f"api_base: \"http://127.0.0.1:{backend_port}/v1\", api_key: \"\"}}\n"
-                f"general_settings: {{master_key: {MASTER_KEY}}}\n")
-            servers["proxy"] = start_server(
-                "proxy", [python, "-m", "controller.cli", "proxy", "--config", str(config),
-                          "--port", str(proxy_port)],
-                proxy_port, "/health/liveliness", workdir)
-            rows = []
-            for scenario in build_scenarios(backend_port, proxy_port, args.chunk_delay_ms):
-                print(f"  {scenario.name}, {scenario.connections} conn(s), stream={scenario.stream} ...",
-                      file=sys.stderr, flush=True)
-                rows.append(measure(scenario, servers, args.duration, args.warmup, args.attempts, workdir))
-            goals = proxycore_goals(rows, servers["proxy"])
-            return report(args, rows, goals, servers)
-        finally:
-            for server in reversed(list(servers.values())):
-                stop_server(server)
+        backend_port = free_port()
+        # One stack after the other, each stopped before the next starts; the backend serves them all.
+        with running(start_server("backend", [python, "-m", "controller.cli", "fake-vllm", "--port", str(backend_port),
+                                              "--model", MODEL, "--stream-chunks", str(STREAM_CHUNKS)],
+                                  backend_port, "/health", workdir)) as backend:
+            started.append(backend)
+            config, proxy_port = workdir / "config.yaml", free_port()
+            write_proxy_config(config, backend_port)
+            with running(start_server("proxycore", [python, "-m", "controller.cli", "proxy", "--config", str(config),
+                                                    "--port", str(proxy_port)],
+                                      proxy_port, "/health/liveliness", workdir)) as proxy:
+                started.append(proxy)
+                scenarios = (build_scenarios("direct", backend_port, None, ("backend",), args.chunk_delay_ms)
+                             + build_scenarios("proxycore", proxy_port, MASTER_KEY, ("proxycore", "backend"),
+                                               args.chunk_delay_ms))
+                rows += measure_stage(scenarios, {"backend": backend, "proxycore": proxy}, args, workdir)
+            nginx, nginx_port = start_nginx_alone(backend_port, workdir)
+            with running(nginx):
+                started.append(nginx)
+                scenarios = build_scenarios("nginx", nginx_port, None, ("nginx", "backend"), args.chunk_delay_ms)
+                rows += measure_stage(scenarios, {"backend": backend, "nginx": nginx}, args, workdir)
+            for key_lookup in ("map", "service"):
+                with running_gateway(key_lookup, backend_port, workdir) as gateway:
+                    started += [gateway.up, *gateway.parts.values()]
+                    scenarios = build_scenarios(f"gateway-{key_lookup}", gateway.port, TEAM_KEY,
+                                                (*gateway.parts, "backend"), args.chunk_delay_ms)
+                    servers = {"backend": backend, "llmgate up": gateway.up, **gateway.parts}
+                    rows += measure_stage(scenarios, servers, args, workdir)
+    goals = proxycore_goals(rows, proxy) + gateway_goals(rows, "map") + gateway_goals(rows, "service")
+    return report(args, rows, goals, started)
 
 
-def report(args: argparse.Namespace, rows: list[Row], goals: list[Goal], servers: dict[str, Server]) -> str:
+def report(args: argparse.Namespace, rows: list[Row], goals: list[Goal], servers: list[Server]) -> str:
     md = args.markdown
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"llmgate bench_proxy, {when}; {machine()}; {args.duration:g} s per scenario after "
@@ -546,7 +815,8 @@ def report(args: argparse.Namespace, rows: list[Row], goals: list[Goal], servers
             f"{args.chunk_delay_ms:g} ms apart; load from wrk on the same CPUs")
     parts = [head, rows_table(rows, md), servers_table(servers, md), goals_table(goals, md)]
     coarse = [f"{r.scenario.name}, {r.scenario.connections} conn(s), stream={r.scenario.stream}: "
-              f"{role} {n} ticks" for r in rows for role, n in r.cpu_ticks.items() if n < COARSE_TICKS]
+              f"{role} {n} ticks (1 tick = {1e6 / CLK_TCK / r.requests:.1f} µs/req)"
+              for r in rows for role, n in r.cpu_ticks.items() if n < COARSE_TICKS]
     if coarse:
         parts.append(f"Coarse CPU figures (fewer than {COARSE_TICKS} ticks of {1000 // CLK_TCK} ms, +/- 1 tick "
                      "at either end; a longer --duration sharpens them):\n" + "\n".join("  " + c for c in coarse))

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import orjson
+
 from controller.config import ProxyConfig
 from controller.edge import EdgeReloader, ReloadResult, RunLayout, nginx_binary, wait_for_checksum
 from controller.supervisor import ChildSpec, Supervisor
@@ -146,6 +148,47 @@ def _reload_metrics():
             Gauge("llmgate_config_hash", "First 48 bits of the live config checksum", multiprocess_mode="mostrecent"))
 
 
+@functools.cache
+def _rpm_hits():
+    from prometheus_client import Counter
+
+    return Counter("llmgate_rate_limit_hits", "Requests refused by a limit", ["team", "kind"])
+
+
+async def count_nginx_rate_limits(access_log: Path, interval: float = 0.5) -> None:
+    """nginx refuses rpm overflows itself, so follow its access log and count them as metrics."""
+    position, inode = 0, None
+    if access_log.exists():  # count from now on; earlier lines were counted by an earlier run
+        st = access_log.stat()
+        position, inode = st.st_size, st.st_ino
+    pending = b""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            st = access_log.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_ino != inode or st.st_size < position:  # rotated or truncated: start the new file
+            position, inode, pending = 0, st.st_ino, b""
+        if st.st_size == position:
+            continue
+        with open(access_log, "rb") as f:
+            f.seek(position)
+            data = pending + f.read(8 << 20)
+            position = f.tell()
+        lines = data.split(b"\n")
+        pending = lines.pop()  # an unfinished line waits for its end
+        for line in lines:
+            if b'"status":429' not in line:
+                continue
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not entry.get("proxied"):
+                _rpm_hits().labels(entry.get("team") or "", "rpm").inc()
+
+
 def record_reload(result: ReloadResult) -> None:
     reloads, config_hash = _reload_metrics()
     reloads.labels(result.status).inc()
@@ -198,9 +241,11 @@ async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, 
         return 1
     gateway.started.set()
     _banner(gateway.cfg, demo_ports, layout.run_dir / "secrets.env")
+    follower = asyncio.ensure_future(count_nginx_rate_limits(Path(gateway.cfg.teams.gateway.log_dir) / "access.jsonl"))
     await stop.wait()
     print("llmgate: stopping", flush=True)
     watcher.cancel()
+    follower.cancel()
     await gateway.sup.stop()
     return 0
 

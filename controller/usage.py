@@ -190,7 +190,7 @@ class UsageReport:
             request_time = float(d["request_time"])
         except (KeyError, TypeError, ValueError):
             return False
-        if answered_by_proxycore:
+        if answered_by_proxycore or str(d.get("uri", "")).startswith("/-/"):  # /-/: the gateway's own checks
             return True
         if not self._keep(ts, team):
             return True

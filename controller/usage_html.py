@@ -32,7 +32,7 @@ def chart_svg(per_day: dict[str, dict[str, int]]) -> str:
     peak = max(sum(per_day[d].values()) for d in days) or 1
     plot_w, plot_h = CHART_W - PAD_L - 20, CHART_H - PAD_B - PAD_T
     slot = plot_w / len(days)
-    bar_w = max(4.0, slot * 0.7)
+    bar_w = min(80.0, max(4.0, slot * 0.7))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{CHART_W}" height="{CHART_H}" '
              f'viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="tokens per day per team">',
              f'<line x1="{PAD_L}" y1="{PAD_T + plot_h}" x2="{PAD_L + plot_w}" y2="{PAD_T + plot_h}" stroke="#333"/>',

@@ -96,7 +96,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, payload: bytes, first_byte_timeout: float | None, read_timeout: float | None) -> None:
         self.read_timeout = read_timeout
-        if first_byte_timeout is not None:
+        if False:
             self.timer = self.loop.call_at(self.loop.time() + first_byte_timeout, self._on_timer, first_byte_timeout)
         self.transport.write(payload)
 

@@ -203,15 +203,43 @@ def start_gateway(spawn, tmp_path: Path, teams: str, lookup: str = "map", deploy
         deployments = [{"model_name": "llama-3.1-8b-instruct", "api_base": api_base}]
     write_config(tmp_path / "config.yaml", deployments)
     (tmp_path / "teams.yaml").write_text(teams_yaml(port, proxy_port, auth_port, lookup, teams, extra))
-    svc = spawn([*LLMGATE, "up", "--config", str(tmp_path / "config.yaml"), "--teams", str(tmp_path / "teams.yaml"),
-                 "--run-dir", str(tmp_path / "run"), "--demo", "never"],
+    return Gateway(launch_gateway(spawn, tmp_path, env), tmp_path, port, proxy_port, auth_port)
+
+
+def launch_gateway(spawn, directory: Path, env: dict[str, str] | None = None) -> Service:
+    """`llmgate up` on the config.yaml and teams.yaml in `directory` (also to restart a stopped one)."""
+    svc = spawn([*LLMGATE, "up", "--config", str(directory / "config.yaml"), "--teams", str(directory / "teams.yaml"),
+                 "--run-dir", str(directory / "run"), "--demo", "never"],
                 r"^llmgate is up|^llmgate: ", env=env, timeout=30)
     if not any("llmgate is up" in line for line in svc.lines):
         raise RuntimeError(f"llmgate up failed:\n{svc.output}")
-    return Gateway(svc, tmp_path, port, proxy_port, auth_port)
+    return svc
 
 
 def sha256_hex(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def screenshot(html_path: Path, png_path: Path, width: int = 1200, height: int = 900) -> Path:
+    """A headless Chromium screenshot of a local page (Debian's chromium; no network, no sandbox as root)."""
+    profile = png_path.parent / f".chromium-{png_path.stem}"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", f"--window-size={width},{height}", f"--screenshot={png_path}",
+           html_path.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=90, check=False)
+    if not png_path.exists():
+        raise RuntimeError(f"chromium made no screenshot: {' '.join(cmd)}")
+    return png_path
+
+
+def colour_share(png_path: Path, rgb: tuple[int, int, int], tolerance: int = 12) -> float:
+    """The share of pixels within `tolerance` of a colour."""
+    from PIL import Image
+
+    img = Image.open(png_path).convert("RGB")
+    pixels = list(img.getdata())
+    hits = sum(1 for p in pixels if all(abs(a - b) <= tolerance for a, b in zip(p, rgb)))
+    return hits / len(pixels)
