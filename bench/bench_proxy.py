@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from controller.edge import RunLayout
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b-instruct"
 MASTER_KEY = "sk-bench-master"
@@ -433,11 +435,10 @@ def stop_gateway(gateway: Gateway) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    from controller.edge import RunLayout  # where nginx workers running as `nobody` keep their files
-
     layout = RunLayout(gateway.run_dir.resolve())
-    if layout.work_dir(layout.nginx_prefix) != layout.nginx_prefix / "work":
-        shutil.rmtree(layout.work_dir(layout.nginx_prefix), ignore_errors=True)
+    work = layout.work_dir(layout.nginx_prefix)
+    if not work.is_relative_to(layout.run_dir):  # under root, nginx's workers write to /tmp
+        shutil.rmtree(work, ignore_errors=True)
     return left
 
 

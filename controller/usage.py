@@ -19,6 +19,8 @@ from typing import IO, Iterable, Iterator
 
 import orjson
 
+from controller.yamlpath import ConfigError
+
 GROUP_FIELDS = ("team", "model", "day", "key")
 OUTCOMES = ("ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors", "server_errors")
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
@@ -380,9 +382,11 @@ def run_usage(args) -> int:
     progress = Progress(files) if sys.stderr.isatty() and total > PROGRESS_MIN_BYTES else None
     read_logs(report, files, progress)
     if args.budget:
-        from controller.usage_budget import budget_report
-
-        text = budget_report(args, files)
+        try:
+            text = budget_report(args.teams, files)
+        except ConfigError as exc:
+            print(f"llmgate: {exc}", file=sys.stderr)
+            return 2
     elif args.format == "table":
         text = format_table(report)
     elif args.format == "csv":
@@ -404,6 +408,35 @@ def run_usage(args) -> int:
         print(f"llmgate: skipped {report.skipped.total} line(s): {', '.join(report.skipped.examples[:5])}"
               + (" ..." if report.skipped.total > 5 else ""), file=sys.stderr)
     return 0
+
+
+def budget_report(teams_path: str, files: list[tuple[Path, str]]) -> str:
+    """Each team's month-to-date use against its budget (the same sums proxycore enforces)."""
+    from controller.teams import load_teams
+    from proxycore.quota import Clock, next_month
+
+    teams = load_teams(teams_path)
+    now = Clock().now()
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    report = UsageReport(("team",), Filters(since=start, until=next_month(now)))
+    read_logs(report, [(p, k) for p, k in files if k == "usage"])
+    used = {k[0]: g for k, g in report.groups.items()}
+    header = ("team", "tokens used", "token budget", "tokens %", "USD used", "USD budget", "USD %")
+    rows = []
+    for t in teams.teams:
+        g = used.get(t.name)
+        tokens = g.prompt_tokens + g.completion_tokens if g else 0
+        usd = g.cost_usd if g else 0.0
+        b = t.budget
+        tb = b.tokens_per_month if b else None
+        ub = b.usd_per_month if b else None
+        rows.append((t.name, f"{tokens:,}", f"{tb:,}" if tb else "-", f"{100 * tokens / tb:.1f}" if tb else "-",
+                     f"{usd:,.4f}", f"{ub:,.2f}" if ub else "-", f"{100 * usd / ub:.1f}" if ub else "-"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(f"month to date: {start:%Y-%m-%d} to {now:%Y-%m-%d %H:%M} UTC; budgets reset on {next_month(now):%Y-%m-%d}")
+    return "\n".join(lines) + "\n"
 
 
 def _default_log_dir(args) -> str:

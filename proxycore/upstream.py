@@ -96,7 +96,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, payload: bytes, first_byte_timeout: float | None, read_timeout: float | None) -> None:
         self.read_timeout = read_timeout
-        if False:
+        if first_byte_timeout is not None:
             self.timer = self.loop.call_at(self.loop.time() + first_byte_timeout, self._on_timer, first_byte_timeout)
         self.transport.write(payload)
 
@@ -167,7 +167,7 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(UpstreamProtocolError(f"malformed response from {self.pool.host}:{self.pool.port}: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -186,6 +186,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     # ------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the end of the answer: this connection cannot be trusted again
+            raise UpstreamProtocolError("data after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()

@@ -50,6 +50,13 @@ def test_team_limit_is_exact_and_other_team_unaffected(spawn, tmp_path, lookup, 
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error" and "slow" in err["message"]
 
 
+@pytest.mark.parametrize("lookup", ["map", "service"])
+def test_rpm_with_burst_0_lets_exactly_one_through(spawn, tmp_path, lookup):
+    teams = TEAMS.replace("burst: 2", "burst: 0")
+    gw = start_gateway(spawn, tmp_path, teams, lookup=lookup)
+    assert sorted(r.status for r in burst(gw, SLOW, 6)) == [200] + [429] * 5
+
+
 def test_per_ip_limit_applies_too(spawn, tmp_path):
     gw = start_gateway(spawn, tmp_path, TEAMS, extra="  ip_rpm: 60\n  ip_burst: 4\n")
     statuses = sorted(r.status for r in burst(gw, FAST, 10))

@@ -413,6 +413,19 @@ async def test_a_malformed_response_is_a_protocol_error(raw):
     await client.close()
 
 
+async def test_bytes_after_the_end_of_a_response_keep_its_connection_out_of_the_pool(raw):
+    async def handle(reader, writer):
+        while await server.read_request(reader) is not None:
+            writer.write(answer(b"ok") + answer(b"unasked"))
+
+    server, url = await raw(handle)
+    client = UpstreamClient()
+    for _ in range(2):
+        assert await (await client.request("GET", url, headers={}, **TIMEOUTS)).read() == b"ok"
+    await client.close()
+    assert server.connections == 2
+
+
 async def test_a_body_that_goes_silent_times_out_after_read_timeout(raw):
     async def handle(reader, writer):
         await server.read_request(reader)
