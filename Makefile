@@ -35,6 +35,7 @@ test: venv test-deps
 bench: venv system-deps
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk; }
 	$(BIN)/python bench/bench_proxy.py
+	$(BIN)/python bench/bench_usage.py
 
 clean:
 	rm -rf $(VENV) run build *.egg-info

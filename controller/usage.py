@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from operator import itemgetter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -29,12 +30,13 @@ _ROTATED = re.compile(r"^(usage|access)[^/]*\.jsonl(\.\d+)?(\.gz)?$")
 
 # ---------------------------------------------------------------- percentiles in bounded memory
 
-_BUCKET_BASE = 1.02  # each bucket is 2 % wide: percentiles come out within 1 % of the exact value
-_LOG_BASE = math.log(_BUCKET_BASE)
+_BUCKET_BASE = 1.04  # each bucket is 4 % wide: a percentile comes out within 2 % of the exact value
+_INV_LOG_BASE = 1 / math.log(_BUCKET_BASE)
+_LOWEST = -118  # everything under 0.01 ms shares one bucket
 
 
 class Histogram:
-    """A sparse log-bucketed histogram of milliseconds; memory grows with the value range, not the count."""
+    """A sparse log-bucketed histogram of milliseconds: at most a few hundred buckets, however many values."""
 
     __slots__ = ("counts", "n")
 
@@ -43,8 +45,9 @@ class Histogram:
         self.n = 0
 
     def add(self, ms: float) -> None:
-        b = int(math.log(ms) / _LOG_BASE) if ms > 0.01 else -233  # everything under 10 µs in one bucket
-        self.counts[b] = self.counts.get(b, 0) + 1
+        b = int(math.log(ms) * _INV_LOG_BASE) if ms > 0.01 else _LOWEST
+        counts = self.counts
+        counts[b] = counts.get(b, 0) + 1
         self.n += 1
 
     def merge(self, other: "Histogram") -> None:
@@ -66,20 +69,47 @@ class Histogram:
 
 # ---------------------------------------------------------------- groups
 
-@dataclass
+OK, RATE_LIMITED, QUOTA, UNAUTHORIZED, FORBIDDEN, CLIENT, SERVER = range(len(OUTCOMES))
+
+
+def outcome(status: int, error: str | None) -> int:
+    """The index in OUTCOMES of a request's outcome."""
+    if 200 <= status < 300:
+        return OK
+    if status == 429:
+        return QUOTA if error == "insufficient_quota" else RATE_LIMITED
+    if status == 401:
+        return UNAUTHORIZED
+    if status == 403:
+        return FORBIDDEN
+    return CLIENT if status < 500 else SERVER
+
+
 class Group:
-    requests: int = 0
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    latency: Histogram = field(default_factory=Histogram)
-    ttft: Histogram = field(default_factory=Histogram)
+    __slots__ = ("requests", "outcomes", "prompt_tokens", "completion_tokens", "cost_usd", "latency", "ttft")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.outcomes = [0] * len(OUTCOMES)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost_usd = 0.0
+        self.latency = Histogram()
+        self.ttft = Histogram()
+
+    def merge(self, other: "Group") -> None:
+        self.requests += other.requests
+        self.outcomes = [a + b for a, b in zip(self.outcomes, other.outcomes)]
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost_usd += other.cost_usd
+        self.latency.merge(other.latency)
+        self.ttft.merge(other.ttft)
 
     def as_dict(self) -> dict:
         return {
             "requests": self.requests,
-            **self.outcomes,
+            **dict(zip(OUTCOMES, self.outcomes)),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -88,20 +118,6 @@ class Group:
             "p95_ms": self.latency.quantile(0.95),
             "ttft_p50_ms": self.ttft.quantile(0.50),
         }
-
-
-def outcome(status: int, error: str | None) -> str:
-    if 200 <= status < 300:
-        return "ok"
-    if status == 429:
-        return "quota_exceeded" if error == "insufficient_quota" else "rate_limited"
-    if status == 401:
-        return "unauthorized"
-    if status == 403:
-        return "forbidden"
-    if status < 500:
-        return "client_errors"
-    return "server_errors"
 
 
 @dataclass
@@ -130,6 +146,11 @@ class Filters:
     team: str | None = None
 
 
+def _utc_text(ts: datetime | None) -> str | None:
+    """The usage log's own timestamp format, which orders like the times it stands for."""
+    return None if ts is None else ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 class UsageReport:
     """Accumulates requests into groups keyed by the chosen fields."""
 
@@ -138,55 +159,63 @@ class UsageReport:
         self.groups: dict[tuple, Group] = {}
         self.skipped = Skipped()
         self.lines = 0
-        self._day_index = {f: i for i, f in enumerate(GROUP_FIELDS)}
+        index = [GROUP_FIELDS.index(f) for f in by]
+        pick = itemgetter(*index)
+        self._project = pick if len(index) > 1 else (lambda v: (pick(v),))
+        self._since, self._until = _utc_text(filters.since), _utc_text(filters.until)
 
     def _group(self, team, model, day, key) -> Group:
-        values = (team, model, day, key)
-        k = tuple(values[self._day_index[f]] for f in self.by)
+        k = self._project((team, model, day, key))
         g = self.groups.get(k)
         if g is None:
             g = self.groups[k] = Group()
         return g
 
-    def _keep(self, ts: datetime, team: str | None) -> bool:
-        f = self.filters
-        if f.team is not None and team != f.team:
+    def _keep(self, ts: str, team: str | None) -> bool:
+        if self.filters.team is not None and team != self.filters.team:
             return False
-        if f.since is not None and ts < f.since:
+        if self._since is not None and ts < self._since:
             return False
-        return f.until is None or ts < f.until
+        return self._until is None or ts < self._until
 
     def add_usage(self, d: dict) -> bool:
         """A proxycore usage line; False when it does not have the current shape."""
         try:
-            status = d["status"]
-            ts = _parse_ts(d["ts"])
-            team, model, key = d["team"], d["model"], d["key_id"]
-            prompt, completion = d["prompt_tokens"], d["completion_tokens"]
-            latency, ttft, cost, error = d["latency_ms"], d.get("ttft_ms"), d.get("cost") or 0.0, d.get("error")
-        except (KeyError, TypeError, ValueError):
+            status, ts = d["status"], d["ts"]
+            team, prompt, completion = d["team"], d["prompt_tokens"], d["completion_tokens"]
+            latency = d["latency_ms"]
+        except (KeyError, TypeError):
             return False
-        if not isinstance(status, int) or not isinstance(prompt, int) or not isinstance(completion, int):
+        if type(status) is not int or type(prompt) is not int or type(completion) is not int or type(ts) is not str:
             return False
-        if not self._keep(ts, team):
+        if len(ts) != 24 or ts[23] != "Z":  # not the format proxycore writes: normalise it
+            try:
+                ts = _utc_text(_parse_ts(ts))
+            except ValueError:
+                return False
+        if (self._since is not None or self._until is not None or self.filters.team is not None) and not self._keep(ts, team):
             return True
-        g = self._group(team, model, ts.date().isoformat(), key)
+        g = self._group(team, d.get("model"), ts[:10], d.get("key_id"))
         g.requests += 1
-        g.outcomes[outcome(status, error)] += 1
+        g.outcomes[0 if 200 <= status < 300 else outcome(status, d.get("error"))] += 1
         g.prompt_tokens += prompt
         g.completion_tokens += completion
-        g.cost_usd += cost
-        if isinstance(latency, (int, float)):
+        cost = d.get("cost")
+        if cost:
+            g.cost_usd += cost
+        if latency is not None:
             g.latency.add(latency)
-        if isinstance(ttft, (int, float)) and d.get("stream"):
-            g.ttft.add(ttft)
+        if d.get("stream"):
+            ttft = d.get("ttft_ms")
+            if ttft is not None:
+                g.ttft.add(ttft)
         return True
 
     def add_access(self, d: dict) -> bool:
         """An nginx access line; counted only when proxycore did not answer (its own line counts those)."""
         try:
             status = int(d["status"])
-            ts = _parse_ts(d["time"])
+            ts = _utc_text(_parse_ts(d["time"]))
             answered_by_proxycore = d["proxied"]
             team, key = d["team"] or None, d["key_id"] or None
             request_time = float(d["request_time"])
@@ -196,7 +225,7 @@ class UsageReport:
             return True
         if not self._keep(ts, team):
             return True
-        g = self._group(team, None, ts.date().isoformat(), key)
+        g = self._group(team, None, ts[:10], key)
         g.requests += 1
         g.outcomes[outcome(status, None)] += 1
         g.latency.add(request_time * 1000)
