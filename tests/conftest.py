@@ -240,6 +240,8 @@ def colour_share(png_path: Path, rgb: tuple[int, int, int], tolerance: int = 12)
     from PIL import Image
 
     img = Image.open(png_path).convert("RGB")
-    pixels = list(img.getdata())
-    hits = sum(1 for p in pixels if all(abs(a - b) <= tolerance for a, b in zip(p, rgb)))
-    return hits / len(pixels)
+    data = img.tobytes()
+    hits = sum(1 for i in range(0, len(data), 3)
+               if abs(data[i] - rgb[0]) <= tolerance and abs(data[i + 1] - rgb[1]) <= tolerance
+               and abs(data[i + 2] - rgb[2]) <= tolerance)
+    return hits / (len(data) // 3)
