@@ -63,9 +63,9 @@ class _Pool:
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection and the state of the exchange running on it."""
 
-    __slots__ = ("loop", "pool", "transport", "parser", "closed", "idle_since", "timer", "waiter",
-                 "status", "headers", "head_done", "until_close", "keep_alive", "complete", "error",
-                 "got_bytes", "body", "buffered", "paused", "read_timeout", "last_read")
+    __slots__ = ("loop", "pool", "transport", "parser", "closed", "idle_since", "timer", "timer_at", "waiter",
+                 "status", "headers", "head_done", "until_close", "keep_alive", "complete", "error", "got_bytes",
+                 "body", "buffered", "paused", "first_byte_timeout", "head_due", "read_timeout", "last_read")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
         self.loop, self.pool = loop, pool
@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self.waiter: asyncio.Future[None] | None = None
         self.body: list[bytes] = []
         self.paused = False
@@ -89,21 +90,24 @@ class _Connection(asyncio.Protocol):
         self.head_done = self.until_close = self.keep_alive = self.complete = self.got_bytes = False
         self.error: UpstreamError | None = None
         self.buffered = 0
+        self.first_byte_timeout: float | None = None
+        self.head_due = 0.0
         self.read_timeout: float | None = None
         self.last_read = 0.0
 
     # ------------------------------------------------------------ driving an exchange
 
     def send(self, payload: bytes, first_byte_timeout: float | None, read_timeout: float | None) -> None:
-        self.read_timeout = read_timeout
+        self.first_byte_timeout, self.read_timeout = first_byte_timeout, read_timeout
         if first_byte_timeout is not None:
-            self.timer = self.loop.call_at(self.loop.time() + first_byte_timeout, self._on_timer, first_byte_timeout)
+            self.head_due = self.loop.time() + first_byte_timeout
+            self._arm(self.head_due)
         self.transport.write(payload)
 
-    async def wait(self) -> None:
-        """Until the protocol has something new: head, body bytes, the end, or an error."""
-        self.waiter = self.loop.create_future()
-        await self.waiter
+    def wait(self) -> asyncio.Future[None]:
+        """Done once the protocol has something new: head, body bytes, the end, or an error."""
+        waiter = self.waiter = self.loop.create_future()
+        return waiter
 
     def take(self) -> bytes:
         body = self.body
@@ -135,24 +139,40 @@ class _Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    # One timer per connection, armed lazily: deadlines move with every request and every read, but
+    # the timer only moves when it fires early or a deadline comes before it. That saves creating and
+    # cancelling timers on each request.
+
+    def _arm(self, at: float) -> None:
+        if self.timer is None or at < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_at = self.loop.call_at(at, self._on_timer), at
+
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _on_timer(self, first_byte_timeout: float) -> None:
+    def _on_timer(self) -> None:
         self.timer = None
-        if self.complete or self.error is not None:
-            return
-        if not self.head_done:
-            self._fail(UpstreamTimeout(f"no response head within {first_byte_timeout:g} s"))
+        if self.idle_since or self.complete or self.error is not None:
             return
         now = self.loop.time()
-        deadline = self.last_read + self.read_timeout
-        if self.paused or deadline > now:  # bytes came since the timer was set: wait from the last ones
-            self.timer = self.loop.call_at(now + self.read_timeout if self.paused else deadline, self._on_timer, 0.0)
-            return
-        self._fail(UpstreamTimeout(f"no response bytes for {self.read_timeout:g} s"))
+        if not self.head_done:
+            if self.first_byte_timeout is None:
+                return
+            due, error = self.head_due, f"no response head within {self.first_byte_timeout:g} s"
+        else:
+            if self.read_timeout is None:
+                return
+            # While reading is paused the silence is ours, not the server's.
+            due = (now if self.paused else self.last_read) + self.read_timeout
+            error = f"no response bytes for {self.read_timeout:g} s"
+        if due - now > 0.001:  # loop timers may fire a little early
+            self._arm(due)
+        else:
+            self._fail(UpstreamTimeout(error))
 
     # ------------------------------------------------------------ asyncio.Protocol
 
@@ -208,9 +228,8 @@ class _Connection(asyncio.Protocol):
                             and status not in _NO_BODY_STATUSES)
         self.keep_alive = self.parser.should_keep_alive()
         self.head_done = True
-        self._cancel_timer()
         if self.read_timeout is not None:
-            self.timer = self.loop.call_at(self.last_read + self.read_timeout, self._on_timer, 0.0)
+            self._arm(self.last_read + self.read_timeout)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -225,7 +244,6 @@ class _Connection(asyncio.Protocol):
         if not self.head_done:  # the end of a 1xx response
             return
         self.complete = True
-        self._cancel_timer()
         self._wake()
 
 
@@ -420,7 +438,6 @@ class UpstreamClient:
         if self._closed or len(pool.idle) >= self._max_idle:
             conn.abort()
             return
-        conn._cancel_timer()
         conn._reset()
         conn.idle_since = conn.loop.time()
         pool.idle.append(conn)
