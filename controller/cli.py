@@ -87,6 +87,22 @@ def _add_usage(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="store_true", help="each team's month-to-date use against its budget")
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("certs", help="make certificates for development (a local CA and certificates it signs)")
+    p.add_argument("--self-signed", nargs="+", metavar="DOMAIN", required=True,
+                   help="domains to put in the certificate")
+    p.add_argument("--out", default="certs", help="directory for ca.pem, <domain>.pem and <domain>.key")
+    p.add_argument("--days", type=int, default=825)
+
+
+def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sidecar", help="render, watch and reload an nginx that runs elsewhere (docker compose)")
+    _add_files(p)
+    p.add_argument("--nginx-prefix", required=True, help="the rendered-config directory nginx reads (a shared volume)")
+    p.add_argument("--nginx-pid-file", required=True, help="nginx's pid file (a shared PID namespace)")
+    p.add_argument("--js-module", default=None, help="ngx_http_js_module.so as nginx sees it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_operate(sub)
     _add_usage(sub)
+    _add_certs(sub)
+    _add_sidecar(sub)
     _add_auth(sub)
     _add_key(sub)
     return parser
@@ -122,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         from controller.usage import run_usage
 
         return run_usage(args)
+    if args.command == "certs":
+        from controller.certs import run_certs
+
+        return run_certs(args)
+    if args.command == "sidecar":
+        from controller.sidecar import run_sidecar
+
+        return run_sidecar(args)
     if args.command == "auth":
         from authsvc.server import run_authsvc
 

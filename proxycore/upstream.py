@@ -1,9 +1,9 @@
 """A small pooled HTTP/1.1 client for proxycore's calls to vLLM deployments.
 
-aiohttp's ClientSession spends about as much CPU per request as the backend does; most of it
-goes to machinery proxycore does not use. Here a request is one `transport.write`, the response
-is parsed by llhttp (httptools) inside an asyncio Protocol, and a streamed body wakes its reader
-through one future per batch of bytes. Timeouts are loop timers, not `wait_for`.
+aiohttp's ClientSession spends most of proxycore's CPU per request on machinery proxycore does
+not use (bench/bench_upstream.py compares the two). Here a request is one `transport.write`, the
+response is parsed by llhttp (httptools) inside an asyncio Protocol, and a streamed body wakes its
+reader through one future per batch of bytes. Timeouts are loop timers, not `wait_for`.
 
     resp = await client.request("POST", url, headers=h, body=b, connect_timeout=5,
                                 first_byte_timeout=60, read_timeout=60)
@@ -119,6 +119,13 @@ class _Connection(asyncio.Protocol):
             self.last_read = self.loop.time()  # the silence while paused was ours, not the server's
             self.transport.resume_reading()
         return data
+
+    def shut(self) -> None:
+        """Close an idle connection politely (FIN, not RST)."""
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            self.transport.close()
 
     def abort(self) -> None:
         self._cancel_timer()
@@ -346,7 +353,11 @@ class UpstreamClient:
     async def request(self, method: str, url: URL, *, headers: dict[str, str], body: bytes = b"",
                       connect_timeout: float, first_byte_timeout: float | None,
                       read_timeout: float | None) -> UpstreamResponse:
-        """Send one request; return once the response head arrived. Do not pass Host or Content-Length."""
+        """Send one request; return once the response head arrived.
+
+        `headers` must not hold Host, Content-Length, Transfer-Encoding or Connection; they are
+        written here. HEAD is not supported (its answer would be read as having a body).
+        """
         if self._closed:
             raise UpstreamError("the client is closed")
         target = self._targets.get(url)
@@ -376,8 +387,7 @@ class UpstreamClient:
                 pool.sweeper.cancel()
                 pool.sweeper = None
             for conn in pool.idle:
-                conn.closed = True
-                conn.transport.close()
+                conn.shut()
             pool.idle.clear()
         self._pools.clear()
         self._targets.clear()
@@ -427,7 +437,7 @@ class UpstreamClient:
         while idle:
             conn = idle.pop()
             if conn.closed or now - conn.idle_since >= self._idle_timeout:
-                conn.abort()
+                conn.shut()
                 continue
             conn.idle_since = 0.0
             return conn
@@ -453,9 +463,8 @@ class UpstreamClient:
         for conn in pool.idle:
             if conn.closed:
                 continue
-            if now - conn.idle_since >= self._idle_timeout:
-                conn.closed = True
-                conn.transport.close()
+            if now - conn.idle_since >= self._idle_timeout - 0.001:  # loop timers may fire a little early
+                conn.shut()
             else:
                 keep.append(conn)
         pool.idle[:] = keep

@@ -289,6 +289,28 @@ async def test_a_fresh_connection_closed_before_any_byte_is_a_connect_error_with
     assert server.connections == 1
 
 
+async def test_connect_timeout_is_a_timeout():
+    with socket.socket() as full:  # a listener whose backlog is full: the kernel drops further SYNs
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            waiting.append(s)
+        client = UpstreamClient()
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="within 0.2 s"):
+            await client.request("GET", URL(f"http://127.0.0.1:{port}/"), headers={}, connect_timeout=0.2,
+                                 first_byte_timeout=5, read_timeout=5)
+        assert time.monotonic() - started < 1.0
+        await client.close()
+        for s in waiting:
+            s.close()
+
+
 async def test_connection_refused_is_a_connect_error():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -334,6 +356,21 @@ async def test_release_without_reading_reuses_a_complete_answer_and_closes_an_un
     resp.release()
     await asyncio.wait_for(server.closed_by_peer.wait(), 1.0)
     await client.close()
+
+
+@pytest.mark.parametrize("status_line, extra", [(b"HTTP/1.1 200 OK", b"Connection: close\r\n"),
+                                                (b"HTTP/1.0 200 OK", b"")])
+async def test_an_answer_that_ends_keep_alive_is_not_reused(raw, status_line, extra):
+    async def handle(reader, writer):
+        while await server.read_request(reader) is not None:  # keeps the connection open all the same
+            writer.write(status_line + b"\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
+
+    server, url = await raw(handle)
+    client = UpstreamClient()
+    for _ in range(2):
+        assert await (await client.request("GET", url, headers={}, **TIMEOUTS)).read() == b"ok"
+    await client.close()
+    assert server.connections == 2
 
 
 async def test_header_values_with_a_newline_are_refused():
