@@ -28,7 +28,8 @@ from controller.teams import Team, TeamsConfig, load_teams
 from proxycore import metrics
 from proxycore.errors import error_response, upstream_error_message
 from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
-from proxycore.quota import DEFAULT_COMPLETION_ESTIMATE, PROMPT_BYTES_PER_TOKEN, Clock, Quotas, TeamMeter, month_id, next_month
+from proxycore.quota import (DEFAULT_COMPLETION_ESTIMATE, PROMPT_BYTES_PER_TOKEN, Clock, KeyPolicy, Quotas, TeamMeter,
+                             month_id, next_month, parse_key_policy)
 from proxycore.usage_log import UsageLog
 
 log = logging.getLogger("llmgate.proxy")
@@ -131,6 +132,11 @@ class Exchange:
     meter: TeamMeter | None = None  # the team's shared counters, when teams.yaml is in use
     tpm_minute: int = 0
     tpm_charge: int = 0  # tokens charged up front to this minute
+    key_policy: KeyPolicy | None = None  # a virtual key's limits (DB mode)
+    key_meter: TeamMeter | None = None
+    key_minute: int = 0
+    key_tpm_charge: int = 0
+    key_in_flight: bool = False
 
 
 class UpstreamFailure(Exception):
@@ -155,6 +161,14 @@ def authenticate(request: web.Request, gw: Gateway) -> tuple[bool, str | None, s
     if gw.master_key is None or hmac.compare_digest(token, gw.master_key):
         return (True, None, None)
     return (False, None, None)
+
+
+def key_policy(request: web.Request, team: str | None, key_id: str | None) -> KeyPolicy | None | bool:
+    """A virtual key's policy from authsvc (via nginx); False when one was sent but cannot be read."""
+    header = request.headers.get("X-Key-Policy")
+    if not header or key_id is None:
+        return None
+    return parse_key_policy(header) or False
 
 
 def _unauthorized() -> web.Response:
@@ -220,6 +234,11 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         policy = gw.teams.get(team) if team else None
         if policy is not None and quotas is not None:
             refusal = _charge_quota(quotas, policy, body, request.content_length or 0, ex)
+            if refusal is not None:
+                refusal.headers.update(rid_header)
+                return refusal
+        if key_id is not None and "X-Key-Policy" in request.headers:
+            refusal = _charge_key(request, quotas, body, ex)
             if refusal is not None:
                 refusal.headers.update(rid_header)
                 return refusal
@@ -309,6 +328,61 @@ def _charge_quota(quotas: Quotas, team: Team, body: dict, body_bytes: int, ex: E
                                   headers={"Retry-After": str(wait)})
         ex.tpm_minute, ex.tpm_charge = minute, charge
     return None
+
+
+def _charge_key(request: web.Request, quotas: Quotas | None, body: dict, ex: Exchange) -> web.Response | None:
+    """A virtual key's own limits (DB mode): models, budget, requests per minute, parallel requests, TPM."""
+    policy = key_policy(request, ex.team, ex.key_id)
+    if policy is False or quotas is None:
+        ex.status, ex.error = 401, "invalid_api_key"
+        return error_response(401, "The key's policy could not be read; try again.", "invalid_api_key")
+    assert isinstance(policy, KeyPolicy)
+    ex.key_policy = policy
+    if policy.models is not None and ex.model not in policy.models:
+        ex.status, ex.error = 403, "model_not_allowed"
+        return error_response(403, f"This key may not use model `{ex.model}`. Allowed: "
+                              f"{', '.join(sorted(policy.models)) or 'none'}.", "model_not_allowed", "model")
+    if policy.max_budget is not None and policy.spend >= policy.max_budget:
+        ex.status, ex.error = 429, "insufficient_quota"
+        metrics.rate_limit_hit(ex.team or "", "budget")
+        return error_response(429, f"This key has spent ${policy.spend:,.4f} of its ${policy.max_budget:,.2f} budget.",
+                              "insufficient_quota", type_="insufficient_quota", headers={"x-should-retry": "false"})
+    meter = ex.key_meter = quotas.meter(policy.meter_name)
+    minute = quotas.minute()
+    if policy.rpm is not None and not meter.count_request(minute, policy.rpm):
+        ex.status, ex.error = 429, "rate_limit_exceeded"
+        metrics.rate_limit_hit(ex.team or "", "rpm")
+        wait = quotas.seconds_to_next_minute()
+        return error_response(429, f"This key reached its limit of {policy.rpm} requests per minute; retry in {wait} s.",
+                              "rate_limit_exceeded", type_="requests", headers={"Retry-After": str(wait)})
+    if policy.tpm is not None:
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        charge = (request.content_length or 0) // PROMPT_BYTES_PER_TOKEN + (
+            0 if ex.kind == "embeddings" else limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+        if not meter.reserve(minute, charge, policy.tpm):
+            ex.status, ex.error = 429, "rate_limit_exceeded"
+            metrics.rate_limit_hit(ex.team or "", "tpm")
+            wait = quotas.seconds_to_next_minute()
+            return error_response(429, f"This key reached its limit of {policy.tpm:,} tokens per minute; retry in {wait} s.",
+                                  "rate_limit_exceeded", type_="tokens", headers={"Retry-After": str(wait)})
+        ex.key_minute, ex.key_tpm_charge = minute, charge
+    if policy.parallel is not None:
+        if not meter.enter(policy.parallel):
+            ex.status, ex.error = 429, "rate_limit_exceeded"
+            metrics.rate_limit_hit(ex.team or "", "parallel")
+            return error_response(429, f"This key already has {policy.parallel} requests in flight; retry when one "
+                                  "ends.", "rate_limit_exceeded", type_="requests", headers={"Retry-After": "1"})
+        ex.key_in_flight = True
+    return None
+
+
+def _settle_key(ex: Exchange) -> None:
+    meter = ex.key_meter
+    assert meter is not None
+    if ex.key_tpm_charge:
+        meter.reconcile(ex.key_minute, ex.prompt_tokens + ex.completion_tokens - ex.key_tpm_charge)
+    if ex.key_in_flight:
+        meter.leave()
 
 
 def _settle_quota(app: web.Application, gw: Gateway, ex: Exchange, cost: float) -> None:
@@ -575,6 +649,8 @@ def _record(app: web.Application, gw: Gateway, ex: Exchange) -> None:
             m.cost.inc(cost)
     if ex.meter is not None:
         _settle_quota(app, gw, ex, cost)
+    if ex.key_meter is not None:
+        _settle_key(ex)
     usage = app.get(USAGE)
     if usage is None:
         return
@@ -583,6 +659,7 @@ def _record(app: web.Application, gw: Gateway, ex: Exchange) -> None:
         "request_id": ex.request_id,
         "team": ex.team,
         "key_id": ex.key_id,
+        "key_hash": ex.key_policy.key_hash if ex.key_policy else None,  # a virtual key's, to replay spend into the DB
         "model": ex.model,
         "endpoint": ex.kind,
         "deployment": dep.id if dep else None,
@@ -608,11 +685,15 @@ def _model_card(name: str, created: int) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[LIVE].gw
-    ok, team, _ = authenticate(request, gw)
+    ok, team, key_id = authenticate(request, gw)
     if not ok:
         return _unauthorized()
     created = int(request.app[STARTED])
-    data = [_model_card(n, created) for n in gw.models_for(team)]
+    names = gw.models_for(team)
+    policy = key_policy(request, team, key_id)
+    if isinstance(policy, KeyPolicy) and policy.models is not None:
+        names = [n for n in names if n in policy.models]
+    data = [_model_card(n, created) for n in names]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 

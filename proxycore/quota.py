@@ -12,10 +12,13 @@ import math
 import mmap
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-_SLOTS = 8  # int64: month, tokens, usd_micros, tpm_minute, tpm_tokens, reserved...
-_MONTH, _TOKENS, _USD, _MINUTE, _MINUTE_TOKENS = range(5)
+import orjson
+
+_SLOTS = 8  # int64 each
+_MONTH, _TOKENS, _USD, _MINUTE, _MINUTE_TOKENS, _RPM_MINUTE, _RPM_COUNT, _IN_FLIGHT = range(_SLOTS)
 PROMPT_BYTES_PER_TOKEN = 4  # the up-front estimate of a prompt: its request body's bytes / 4
 DEFAULT_COMPLETION_ESTIMATE = 256  # charged up front when a request sets no max_tokens
 
@@ -112,6 +115,39 @@ class TeamMeter:
             self._unlock()
 
 
+    def count_request(self, minute: int, limit: int) -> bool:
+        """One more request this minute, unless `limit` were passed (requests per minute of a key)."""
+        self._lock()
+        try:
+            v = self.v
+            if v[_RPM_MINUTE] != minute:
+                v[_RPM_MINUTE], v[_RPM_COUNT] = minute, 0
+            if v[_RPM_COUNT] >= limit:
+                return False
+            v[_RPM_COUNT] += 1
+            return True
+        finally:
+            self._unlock()
+
+    def enter(self, limit: int) -> bool:
+        """One more request in flight, unless `limit` are already (max_parallel_requests of a key)."""
+        self._lock()
+        try:
+            if self.v[_IN_FLIGHT] >= limit:
+                return False
+            self.v[_IN_FLIGHT] += 1
+            return True
+        finally:
+            self._unlock()
+
+    def leave(self) -> None:
+        self._lock()
+        try:
+            self.v[_IN_FLIGHT] = max(0, self.v[_IN_FLIGHT] - 1)
+        finally:
+            self._unlock()
+
+
 class Quotas:
     """The meters of every team, opened on first use."""
 
@@ -132,3 +168,45 @@ class Quotas:
 
     def minute(self) -> int:
         return int(self.clock.timestamp() // 60)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """A virtual key's limits, as authsvc passes them on through nginx (X-Key-Policy, JSON)."""
+
+    key_hash: str
+    models: frozenset[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    parallel: int | None = None
+    max_budget: float | None = None
+    spend: float = 0.0
+
+    @property
+    def meter_name(self) -> str:
+        return "key-" + self.key_hash[:32]
+
+    def to_header(self) -> str:
+        return orjson.dumps({"h": self.key_hash, "m": sorted(self.models) if self.models is not None else None,
+                             "rpm": self.rpm, "tpm": self.tpm, "par": self.parallel, "max": self.max_budget,
+                             "spent": self.spend}).decode()
+
+
+def parse_key_policy(header: str) -> KeyPolicy | None:
+    """None for a header that is not a policy (then the request is refused: policies come only from authsvc)."""
+    try:
+        d = orjson.loads(header)
+        h = d["h"]
+        if not isinstance(h, str) or len(h) != 64:
+            return None
+        m = d.get("m")
+        return KeyPolicy(h, frozenset(m) if isinstance(m, list) else None, _pos_int(d.get("rpm")),
+                         _pos_int(d.get("tpm")), _pos_int(d.get("par")),
+                         float(d["max"]) if isinstance(d.get("max"), (int, float)) else None,
+                         float(d.get("spent") or 0.0))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _pos_int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None

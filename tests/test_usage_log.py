@@ -11,7 +11,7 @@ import openai
 from conftest import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
-FIELDS = {"ts", "request_id", "team", "key_id", "model", "endpoint", "deployment", "status", "stream",
+FIELDS = {"ts", "request_id", "team", "key_id", "key_hash", "model", "endpoint", "deployment", "status", "stream",
           "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms", "ttft_ms", "retries",
           "fallback", "error"}
 
