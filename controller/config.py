@@ -64,6 +64,7 @@ class ProxyConfig:
     ssl_verify: bool | str = True
     max_request_bytes: int = 32 * 1024 * 1024
     health_check_interval: float = 30.0
+    database_url: str | None = None  # DB mode: virtual keys (sqlite:///path or postgresql://...)
     warnings: tuple[str, ...] = ()
 
     def model_names(self) -> list[str]:
@@ -78,7 +79,8 @@ _PARAM_KEYS = {"model", "api_base", "api_key", "weight", "rpm", "tpm", "order", 
 _MODEL_INFO_KEYS = {"id", "mode", "input_cost_per_token", "output_cost_per_token", "base_model"}
 _ROUTER_KEYS = {"routing_strategy", "num_retries", "retry_after", "allowed_fails", "cooldown_time",
                 "fallbacks", "timeout"}
-_GENERAL_KEYS = {"master_key", "max_request_size_mb", "background_health_checks", "health_check_interval"}
+_GENERAL_KEYS = {"master_key", "max_request_size_mb", "background_health_checks", "health_check_interval",
+                 "database_url"}
 _LITELLM_KEYS = {"ssl_verify"}
 
 
@@ -100,6 +102,7 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
 
     general = root.get("general_settings")
     master_key = None
+    database_url = None
     max_request_bytes = 32 * 1024 * 1024
     health_check_interval = 30.0
     if general is not None:
@@ -112,6 +115,10 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
         if mb is not None:
             max_request_bytes = int(mb * 1024 * 1024)
         health_check_interval = general.opt("health_check_interval", _positive_number) or 30.0
+        database_url = general.opt("database_url", _string)
+        if database_url is not None and not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise general.child("database_url").error("sqlite:///path/to/llmgate.db or postgresql://user@host/db",
+                                                      "fix the URL", show_value=False)
 
     litellm = root.get("litellm_settings")
     ssl_verify: bool | str = True
@@ -152,6 +159,7 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
         ssl_verify=ssl_verify,
         max_request_bytes=max_request_bytes,
         health_check_interval=health_check_interval,
+        database_url=database_url,
         warnings=warnings,
     )
 

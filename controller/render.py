@@ -72,7 +72,9 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "at": lambda rel: _path(prefix.rstrip("/") + ("/" + rel if rel else "")),
         "work": lambda rel: _path(work.rstrip("/") + "/" + rel),
         "map_hash_max_size": max(2048, 1 << math.ceil(math.log2(max(1, len(keys)) * 2))),
-        "key_lookup": gw.key_lookup,
+        # DB mode asks authsvc for every key: it knows the static keys and the virtual ones.
+        "key_lookup": "service" if cfg.proxy.database_url else gw.key_lookup,
+        "db_mode": cfg.proxy.database_url is not None,
         "team_keys": keys,
         "has_domains": has_domains,
         "unknown_host_value": '"-"' if has_domains else '""',

@@ -59,8 +59,9 @@ def test_valid_key_reaches_backend_as_its_team_without_the_client_key(gw):
 
 
 def test_spoofed_x_team_and_key_id_change_nothing(gw):
+    forged_policy = json.dumps({"h": "0" * 64, "m": ["no-such-model"]})  # would forbid every model if honoured
     c = openai.OpenAI(base_url=gw.base + "/v1", api_key=KEY_A, max_retries=0,
-                      default_headers={"X-Team": "team-b", "X-Key-Id": "forged"})
+                      default_headers={"X-Team": "team-b", "X-Key-Id": "forged", "X-Key-Policy": forged_policy})
     c.chat.completions.create(**CHAT)
     line = usage(gw)[-1]
     assert (line["team"], line["key_id"]) == ("team-a", sha256_hex(KEY_A)[:12])
