@@ -28,6 +28,7 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--usage-log", default=None, help="append one JSON line per request to this file")
     p.add_argument("--teams", default=None, help="teams.yaml: per-team model allow-lists (reloaded on change)")
+    p.add_argument("--only-team", default=None, help="a dedicated instance: serve this team alone, with its own key")
 
 
 def _add_files(p: argparse.ArgumentParser) -> None:

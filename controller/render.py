@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jinja2
 
-from controller.teams import GatewayConfig
+from controller.teams import GatewayConfig, dedicated_internal_key
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -92,6 +92,8 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "max_body": gw.max_body,
         "listen": str(gw.listen),
         "tls_listen": str(gw.tls_listen) if gw.tls_listen else None,
+        "dedicated": [{"name": q(t.name), "var": t.var_name, "addr": str(t.dedicated_listen)}
+                      for t in cfg.teams.dedicated()],
         "certificates": [{"domains": " ".join(q(d) for d in c.domains), "cert": _path(c.cert), "key": _path(c.key)}
                          for c in gw.certificates],
     }
@@ -103,7 +105,9 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
     js = (STATIC / "llmgate.js").read_bytes()
     if not re.fullmatch(r"[A-Za-z0-9_.~+/=-]+", internal_key):
         raise RenderError("the internal key must be URL-safe characters only")
-    auth = f'proxy_set_header Authorization "Bearer {internal_key}";\n'.encode()
+    auth_lines = ["map $gw_team $gw_internal_auth {", f'    default "Bearer {internal_key}";']
+    auth_lines += [f'    {q(t.name)} "Bearer {dedicated_internal_key(internal_key, t.name)}";' for t in cfg.teams.dedicated()]
+    auth = ("\n".join(auth_lines) + "\n}\n").encode()
     digest = hashlib.sha256()
     for part in (conf.encode(), js, auth):
         digest.update(hashlib.sha256(part).digest())

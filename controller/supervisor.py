@@ -107,6 +107,19 @@ class Supervisor:
                 pass
             await child.start()
 
+    async def remove(self, child: Child) -> None:
+        """Stop one child for good (it is not restarted)."""
+        child.spec.restart = False
+        child.send(signal.SIGTERM)
+        if child.proc is not None:
+            try:
+                await asyncio.wait_for(child.proc.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                child.send(signal.SIGKILL)
+                await child.proc.wait()
+        if child in self.children:
+            self.children.remove(child)
+
     def signal_all(self, sig: int) -> None:
         for child in self.children:
             child.send(sig)

@@ -7,6 +7,7 @@ template only prints values that cannot break out of nginx syntax.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class Team:
     models: tuple[str, ...] | None = None  # None: every model
     domains: tuple[str, ...] = ()
     budget: Budget | None = None
-    dedicated: bool = False
+    dedicated: bool = False  # served by a proxycore process of its own
+    dedicated_listen: Address | None = None  # where that process listens (given, or assigned at load)
 
     @property
     def var_name(self) -> str:
@@ -122,6 +124,9 @@ class TeamsConfig:
     def has_domains(self) -> bool:
         return any(t.domains for t in self.teams) or bool(self.gateway.server_names)
 
+    def dedicated(self) -> list[Team]:
+        return [t for t in self.teams if t.dedicated]
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -133,6 +138,11 @@ class GatewayConfig:
 
 def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def dedicated_internal_key(internal_key: str, team: str) -> str:
+    """A dedicated instance's own internal key, derived so that no other process can speak for its team."""
+    return "sk-ded-" + hmac.new(internal_key.encode(), f"dedicated:{team}".encode(), hashlib.sha256).hexdigest()
 
 
 # ---------------------------------------------------------------- parsing
@@ -183,12 +193,33 @@ def parse_teams(root: Node, base_dir: Path) -> TeamsConfig:
                                   f"{domain} is also in {seen_domains[domain]}")
             seen_domains[domain] = f"teams.{name}"
         teams.append(team)
+    teams = _assign_dedicated_ports(teams, gateway, root)
     for cert in gateway.certificates:
         for d in cert.domains:
             if d not in seen_domains:
                 raise ConfigError(root.file, "gateway.tls.certificates", "domains that a team or server_names uses",
                                   f"{d} is served by no team; add it to a team's domains or gateway.server_names")
     return TeamsConfig(root.file, gateway, tuple(teams))
+
+
+def _assign_dedicated_ports(teams: list[Team], gateway: GatewaySettings, root: Node) -> list[Team]:
+    """`dedicated: true` without a listen address: proxy_listen's port + 100, + 101, ... in file order."""
+    import dataclasses
+
+    taken = {gateway.proxy_listen.port, gateway.auth_listen.port, gateway.listen.port}
+    taken |= {t.dedicated_listen.port for t in teams if t.dedicated_listen}
+    port = gateway.proxy_listen.port + 100
+    out = []
+    for t in teams:
+        if t.dedicated and t.dedicated_listen is None:
+            while port in taken:
+                port += 1
+            t = dataclasses.replace(t, dedicated_listen=Address(gateway.proxy_listen.host, port))
+            taken.add(port)
+        elif t.dedicated_listen is not None and [x.dedicated_listen for x in out].count(t.dedicated_listen):
+            raise ConfigError(root.file, f"teams.{t.name}.dedicated.listen", "an address no other team uses")
+        out.append(t)
+    return out
 
 
 def _parse_address(node: Node, default_host: str) -> Address:
@@ -367,7 +398,18 @@ def _parse_team(name: str, node: Node) -> Team:
             raise ConfigError(b.file, extra[0], "tokens_per_month or usd_per_month", "remove it")
         budget = Budget(b.opt("tokens_per_month", lambda v: _int_range(v, 1, 10**15)),
                         b.opt("usd_per_month", _positive_float))
-    dedicated = node.opt("dedicated", _bool, False)
+    dedicated_listen = None
+    dedicated = False
+    ded = node.get("dedicated")
+    if ded is not None:
+        if isinstance(ded.value, dict):
+            ded.expect_mapping()
+            extra = ded.unknown_keys({"listen"})
+            if extra:
+                raise ConfigError(ded.file, extra[0], "listen", "remove it")
+            dedicated, dedicated_listen = True, _parse_address(ded.child("listen"), "127.0.0.1")
+        else:
+            dedicated = ded.scalar_of(_bool)
     return Team(
         name=name,
         keys=keys,
@@ -378,6 +420,7 @@ def _parse_team(name: str, node: Node) -> Team:
         domains=domains,
         budget=budget,
         dedicated=dedicated,
+        dedicated_listen=dedicated_listen,
     )
 
 

@@ -84,6 +84,7 @@ class Gateway:
         self.args, self.cfg, self.layout = args, cfg, layout
         self.sup = Supervisor()
         self.nginx = None
+        self.dedicated: dict[tuple[str, str], object] = {}  # (team, address) -> its proxycore child
         self.reloader = EdgeReloader(layout, args.config, args.teams, internal_key, nginx_pid=self._nginx_pid)
         self._reload_lock = asyncio.Lock()
         self.started = asyncio.Event()  # the watcher runs from the start; changes before this wait for it
@@ -100,10 +101,8 @@ class Gateway:
             for m in models:
                 argv += ["--model", m]
             await self.sup.add(ChildSpec(f"fake-vllm:{port}", argv, ready=r"listening on"))
-        proxy = [*LLMGATE, "proxy", "--config", self.args.config, "--teams", self.args.teams,
-                 "--host", gw.proxy_listen.host, "--port", str(gw.proxy_listen.port),
-                 "--workers", str(gw.workers), "--usage-log", os.path.join(gw.log_dir, "usage.jsonl")]
-        await self.sup.add(ChildSpec("proxycore", proxy, ready=r"listening on"))
+        await self.sup.add(ChildSpec("proxycore", self._proxy_argv(gw.proxy_listen, gw.workers), ready=r"listening on"))
+        await self.sync_dedicated(self.cfg)
         if gw.key_lookup == "service":
             auth = [*LLMGATE, "auth", "--teams", self.args.teams]
             await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on"))
@@ -119,9 +118,34 @@ class Gateway:
         record_reload(first)
         return sorted(demo)
 
+    def _proxy_argv(self, listen, workers: int, only_team: str | None = None) -> list[str]:
+        gw = self.cfg.teams.gateway
+        argv = [*LLMGATE, "proxy", "--config", self.args.config, "--teams", self.args.teams, "--host", listen.host,
+                "--port", str(listen.port), "--workers", str(workers),
+                "--usage-log", os.path.join(gw.log_dir, "usage.jsonl")]
+        return argv + (["--only-team", only_team] if only_team else [])
+
+    async def sync_dedicated(self, cfg: GatewayConfig, stop_extra: bool = True) -> None:
+        """Start a proxycore for each dedicated team that has none; stop those no longer wanted."""
+        wanted = {(t.name, str(t.dedicated_listen)): t for t in cfg.teams.dedicated()}
+        for key, team in wanted.items():
+            if key not in self.dedicated:
+                spec = ChildSpec(f"proxycore:{team.name}", self._proxy_argv(team.dedicated_listen, 1, team.name),
+                                 ready=r"listening on")
+                self.dedicated[key] = await self.sup.add(spec)
+        if stop_extra:
+            for key in [k for k in self.dedicated if k not in wanted]:
+                await self.sup.remove(self.dedicated.pop(key))
+
     async def reload(self, reason: str) -> ReloadResult:
         async with self._reload_lock:
+            try:  # new dedicated instances must serve before nginx sends them traffic
+                await self.sync_dedicated(load_gateway_config(self.args.config, self.args.teams), stop_extra=False)
+            except (ConfigError, RuntimeError):
+                pass  # the reload below reports a bad file; a child that cannot start is retried by the supervisor
             result = await asyncio.get_running_loop().run_in_executor(None, self.reloader.apply)
+            if result.ok and self.reloader.current is not None:
+                await self.sync_dedicated(self.reloader.current)
         record_reload(result)
         if result.ok and self.reloader.current is not None:
             self.cfg = self.reloader.current

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from controller.config import ConfigError, ProxyConfig, load_proxy_config
-from controller.teams import Team, TeamsConfig, load_teams
+from controller.teams import Team, TeamsConfig, dedicated_internal_key, load_teams
 from proxycore import metrics
 from proxycore.errors import error_response, upstream_error_message
 from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
@@ -52,15 +52,19 @@ class Gateway:
     internal_key: bytes | None
     team_models: dict[str, frozenset[str] | None] | None = None  # team -> allow-list (None: all); None: no teams file
     teams: dict[str, Team] = field(default_factory=dict)
+    only_team: str | None = None  # a dedicated instance serves this team alone
 
     @classmethod
     def build(cls, config: ProxyConfig, internal_key: str | None = None, teams: TeamsConfig | None = None,
-              previous: "Gateway | None" = None) -> "Gateway":
+              previous: "Gateway | None" = None, only_team: str | None = None) -> "Gateway":
+        if only_team and internal_key:
+            internal_key = dedicated_internal_key(internal_key, only_team)
         return cls(
             config=config,
             groups=build_groups(config, previous.groups if previous else None),
             master_key=config.master_key.encode() if config.master_key else None,
             internal_key=internal_key.encode() if internal_key else None,
+            only_team=only_team,
             team_models=None if teams is None else {
                 t.name: frozenset(t.models) if t.models is not None else None for t in teams.teams},
             teams={t.name: t for t in teams.teams} if teams else {},
@@ -97,7 +101,7 @@ class LiveGateway:
         except ConfigError as exc:
             return str(exc)
         internal = (teams.gateway.internal_key if teams else None) or self.internal_key_env
-        self.gw = Gateway.build(config, internal, teams, previous=self.gw)
+        self.gw = Gateway.build(config, internal, teams, previous=self.gw, only_team=self.gw.only_team)
         return None
 
 
@@ -210,6 +214,9 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         if not ok:
             ex.status, ex.error = 401, "invalid_api_key"
             return _unauthorized()
+        if gw.only_team is not None and team != gw.only_team:
+            ex.status, ex.error = 403, "wrong_instance"
+            return error_response(403, f"This proxycore serves team `{gw.only_team}` only.", "wrong_instance")
         body, problem = await _read_body(request, kind, gw)
         if problem is not None:
             ex.status, ex.error = problem.status, "invalid_request"

@@ -36,6 +36,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         print("llmgate: --workers > 1 needs a fixed --port (workers share it)", file=sys.stderr)
         return 2
     teams = None
+    if args.only_team and not args.teams:
+        print("llmgate: --only-team needs --teams", file=sys.stderr)
+        return 2
     if args.teams:
         try:
             teams = load_gateway_config(args.config, args.teams).teams
@@ -75,6 +78,7 @@ class ProxyWorker:
                  internal_key_env: str | None, reuse_port: bool = False):
         self.config, self.teams, self.host, self.port = config, teams, args.host, args.port
         self.config_path, self.teams_path, self.usage_path = args.config, args.teams, args.usage_log
+        self.only_team = getattr(args, "only_team", None)
         self.internal_key_env, self.reuse_port = internal_key_env, reuse_port
         self.quota_dir: str | None = None  # shared counters of budgets and TPM, when teams.yaml is in use
 
@@ -91,8 +95,8 @@ class ProxyWorker:
 
         usage = UsageLog(self.usage_path) if self.usage_path else None
         internal_key = (self.teams.gateway.internal_key if self.teams else None) or self.internal_key_env
-        live = LiveGateway(Gateway.build(self.config, internal_key, self.teams), self.config_path, self.teams_path,
-                           self.internal_key_env)
+        gw = Gateway.build(self.config, internal_key, self.teams, only_team=self.only_team)
+        live = LiveGateway(gw, self.config_path, self.teams_path, self.internal_key_env)
         from proxycore.quota import Quotas
 
         app = make_app(live, usage_log=usage, quotas=Quotas(self.quota_dir) if self.quota_dir else None)
