@@ -22,9 +22,10 @@ system-deps:
 		$(APT) update -qq && $(APT) install -y -qq nginx libnginx-mod-http-js; \
 	fi
 
-# What only the tests need: headless Chromium for pages (Debian's package).
+# What only the tests need: headless Chromium for pages, promtool for the alert rules (Debian's packages).
 test-deps: system-deps
 	@command -v chromium >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium; }
+	@command -v promtool >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus; }
 
 up: venv system-deps
 	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml

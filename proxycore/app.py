@@ -351,14 +351,14 @@ def _charge_key(request: web.Request, quotas: Quotas | None, body: dict, ex: Exc
                               f"{', '.join(sorted(policy.models)) or 'none'}.", "model_not_allowed", "model")
     if policy.max_budget is not None and policy.spend >= policy.max_budget:
         ex.status, ex.error = 429, "insufficient_quota"
-        metrics.rate_limit_hit(ex.team or "", "budget")
+        metrics.rate_limit_hit(ex.team or "", "key_budget")
         return error_response(429, f"This key has spent ${policy.spend:,.4f} of its ${policy.max_budget:,.2f} budget.",
                               "insufficient_quota", type_="insufficient_quota", headers={"x-should-retry": "false"})
     meter = ex.key_meter = quotas.meter(policy.meter_name)
     minute = quotas.minute()
     if policy.rpm is not None and not meter.count_request(minute, policy.rpm):
         ex.status, ex.error = 429, "rate_limit_exceeded"
-        metrics.rate_limit_hit(ex.team or "", "rpm")
+        metrics.rate_limit_hit(ex.team or "", "key_rpm")
         wait = quotas.seconds_to_next_minute()
         return error_response(429, f"This key reached its limit of {policy.rpm} requests per minute; retry in {wait} s.",
                               "rate_limit_exceeded", type_="requests", headers={"Retry-After": str(wait)})
@@ -368,7 +368,7 @@ def _charge_key(request: web.Request, quotas: Quotas | None, body: dict, ex: Exc
             0 if ex.kind == "embeddings" else limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
         if not meter.reserve(minute, charge, policy.tpm):
             ex.status, ex.error = 429, "rate_limit_exceeded"
-            metrics.rate_limit_hit(ex.team or "", "tpm")
+            metrics.rate_limit_hit(ex.team or "", "key_tpm")
             wait = quotas.seconds_to_next_minute()
             return error_response(429, f"This key reached its limit of {policy.tpm:,} tokens per minute; retry in {wait} s.",
                                   "rate_limit_exceeded", type_="tokens", headers={"Retry-After": str(wait)})
@@ -376,7 +376,7 @@ def _charge_key(request: web.Request, quotas: Quotas | None, body: dict, ex: Exc
     if policy.parallel is not None:
         if not meter.enter(policy.parallel):
             ex.status, ex.error = 429, "rate_limit_exceeded"
-            metrics.rate_limit_hit(ex.team or "", "parallel")
+            metrics.rate_limit_hit(ex.team or "", "key_parallel")
             return error_response(429, f"This key already has {policy.parallel} requests in flight; retry when one "
                                   "ends.", "rate_limit_exceeded", type_="requests", headers={"Retry-After": "1"})
         ex.key_in_flight = True
