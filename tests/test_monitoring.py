@@ -21,11 +21,13 @@ PROMETHEUS = MONITORING / "prometheus.yml"
 PROMTOOL = shutil.which("promtool")
 def needs_promtool(test):
     """promtool checks are part of the suite: `make test` installs it (Debian package `prometheus`)."""
+    import functools
+
+    @functools.wraps(test)
     def run(*args, **kwargs):
         assert PROMTOOL is not None, "promtool is missing: run `make test` (it installs Debian's prometheus package)"
         return test(*args, **kwargs)
 
-    run.__name__, run.__doc__ = test.__name__, test.__doc__
     return run
 
 # vLLM's names, from vllm-project/vllm vllm/v1/metrics/loggers.py (PrometheusStatLogger): the scheduler gauges,

@@ -70,10 +70,10 @@ def handshake(port: int, server_name: str | None, ca: Path) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_ca_from_env(monkeypatch):
-    """Trust comes only from what a test passes: SSL_CERT_FILE/DIR would change Python's and the SDK's defaults."""
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+def _no_ca_or_proxy_from_env(monkeypatch):
+    """Trust comes only from what a test passes: SSL_CERT_FILE/DIR change Python's and the SDK's defaults."""
+    for var in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
 
 
 # ---------------------------------------------------------------- llmgate certs
@@ -181,6 +181,33 @@ def test_sdk_without_the_ca_gets_a_connection_error(tls_gw):
         chain.append(repr(e))
         e = e.__cause__ or e.__context__
     assert "CERTIFICATE_VERIFY_FAILED" in " ".join(chain)
+
+
+@pytest.fixture
+def llm_test_is_loopback(monkeypatch):
+    """*.llm.test resolves to 127.0.0.1 in this process, so a client can be built exactly as docs/tls.md shows."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        return real("127.0.0.1" if str(host).endswith(".llm.test") else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize("how", ["SSL_CERT_FILE", "http_client"])
+def test_documented_ways_to_trust_the_ca(tls_gw, llm_test_is_loopback, monkeypatch, how):
+    """The two SDK setups of docs/tls.md, as written there."""
+    url = f"https://{DOMAIN}:{tls_gw.tls_port}/v1"
+    if how == "SSL_CERT_FILE":
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls_gw.ca))
+        client = openai.OpenAI(base_url=url, api_key=KEY_A, max_retries=0)
+    else:
+        client = openai.OpenAI(base_url=url, api_key=KEY_A, max_retries=0, http_client=openai.DefaultHttpxClient(
+            verify=ssl.create_default_context(cafile=str(tls_gw.ca))))
+    assert client.chat.completions.create(**CHAT).choices[0].message.content
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with pytest.raises(openai.APIConnectionError):  # without the CA: the certificate is not trusted
+        openai.OpenAI(base_url=url, api_key=KEY_A, max_retries=0).chat.completions.create(**CHAT)
 
 
 def test_unknown_server_name_is_refused_at_the_handshake(tls_gw):
