@@ -44,6 +44,9 @@ def run_certs(args: argparse.Namespace) -> int:
     except CertsError as exc:
         print(f"llmgate certs: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"llmgate certs: cannot write to {args.out}: {exc}", file=sys.stderr)
+        return 1
     print(_report(issued))
     return 0
 
@@ -67,8 +70,8 @@ def parse_name(raw: str) -> str:
 def issue_self_signed(names: tuple[str, ...], out: Path, days: int) -> Issued:
     """Create or reuse the CA in `out`, then write a certificate for `names` signed by it."""
     if not 1 <= days <= MAX_DAYS:
-        raise CertsError(f"--days {days}: expected 1 to {MAX_DAYS} (clients such as Safari refuse server "
-                         "certificates valid for more than 825 days)")
+        raise CertsError(f"--days {days}: expected 1 to {MAX_DAYS} days (Apple's clients accept at most 825, "
+                         "the default)")
     names = tuple(dict.fromkeys(names))
     out.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
@@ -154,7 +157,6 @@ def _new_leaf(names: tuple[str, ...], ca_cert, ca_key, now: datetime.datetime, d
         except ValueError:
             sans.append(x509.DNSName(n))
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -170,7 +172,7 @@ def _new_leaf(names: tuple[str, ...], ca_cert, ca_key, now: datetime.datetime, d
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key

@@ -94,8 +94,8 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "tls_listen": str(gw.tls_listen) if gw.tls_listen else None,
         "dedicated": [{"name": q(t.name), "var": t.var_name, "addr": str(t.dedicated_listen)}
                       for t in cfg.teams.dedicated()],
-        "certificates": [{"domains": " ".join(q(d) for d in c.domains), "cert": _path(c.cert), "key": _path(c.key)}
-                         for c in gw.certificates],
+        "certificates": [{"domains": " ".join(q(d) for d in c.domains), "cert": _path(c.cert), "key": _path(c.key),
+                          "files_sha256": c.files_sha256} for c in gw.certificates],
     }
     for t in model["limited_teams"]:
         q(t["name"]), q(t["var"])

@@ -87,6 +87,7 @@ class TlsCertificate:
     domains: tuple[str, ...]
     cert: str
     key: str
+    files_sha256: str = ""  # of the two files: a renewed certificate changes the rendered config
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,13 @@ def _parse_gateway(node: Node | None, base_dir: Path) -> GatewaySettings:
                 if not os.path.isfile(p):
                     raise item.child(label).error("an existing PEM file", f"no file at {p}; create one with "
                                                   "`llmgate certs --self-signed DOMAIN`", show_value=False)
-            certs.append(TlsCertificate(domains, cert, key))
+            digest = hashlib.sha256(Path(cert).read_bytes() + b"\0" + Path(key).read_bytes()).hexdigest()
+            certs.append(TlsCertificate(domains, cert, key, digest))
+        if not certs:
+            raise tls.error("at least one entry in certificates", "add certificates: [{domains: [...], cert: ..., key: ...}]",
+                            show_value=False)
+        if tls_listen.port == listen.port:
+            raise tls.child("listen").error("an address other than gateway.listen")
     ip_rpm = node.opt("ip_rpm", lambda v: _int_range(v, 1, 10**7))
     ip_burst = node.opt("ip_burst", lambda v: _int_range(v, 0, 10**7))
     return GatewaySettings(

@@ -156,6 +156,8 @@ class Gateway:
         from watchfiles import awatch
 
         paths = {os.path.abspath(self.args.config), os.path.abspath(self.args.teams)}
+        # renewed TLS certificates reload nginx too (their paths as of the start)
+        paths |= {os.path.abspath(p) for c in self.cfg.teams.gateway.certificates for p in (c.cert, c.key)}
         dirs = {os.path.dirname(p) for p in paths}
         async for changes in awatch(*dirs, watch_filter=lambda _c, p: os.path.abspath(p) in paths,
                                     debounce=WATCH_DEBOUNCE_MS, step=50, recursive=False):

@@ -835,7 +835,11 @@ async def _watch_config_files(app: web.Application):
     from watchfiles import awatch
 
     def reload(reason: str) -> None:
+        ssl_verify = live.gw.config.ssl_verify
         problem = live.reload()
+        if not problem and live.gw.config.ssl_verify != ssl_verify:
+            print("llmgate: proxycore: litellm_settings.ssl_verify changed; it applies after proxycore restarts",
+                  file=sys.stderr, flush=True)
         if problem:
             print(f"llmgate: proxycore kept the previous config: {problem}", file=sys.stderr, flush=True)
         else:
