@@ -13,8 +13,10 @@ import asyncio
 import hashlib
 import hmac
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -107,6 +109,53 @@ def _file_digest(path: str) -> bytes | None:
 
 
 KEYS = web.AppKey("keys", KeyStore)
+VIRTUAL = web.AppKey("virtual", "VirtualKeys")
+FRESH_S = 1.0  # a DB answer is reused this long (nginx caches valid keys for 3 s more in DB mode)
+STALE_OK_S = 600.0  # while the DB is unreachable, a key seen within this long keeps its last answer
+_TEAM_ID_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a DB team id goes into X-Team only if nginx can print it
+
+
+class VirtualKeys:
+    """DB mode: keys issued through the admin API, looked up by hash, answers kept briefly."""
+
+    def __init__(self, store):
+        self.store = store
+        self._seen: dict[str, tuple[float, object]] = {}  # hash -> (when fetched, KeyRecord or None)
+
+    async def lookup(self, digest: str):
+        """The key's record or None; raises StoreUnavailable when the DB is down and the key was not seen lately."""
+        from authsvc.store import StoreError
+
+        now = time.monotonic()
+        seen = self._seen.get(digest)
+        if seen is not None and now - seen[0] < FRESH_S:
+            return seen[1]
+        try:
+            record = await asyncio.to_thread(self.store.key_by_hash, digest)
+        except StoreError:
+            if seen is not None and now - seen[0] < STALE_OK_S:
+                return seen[1]
+            raise
+        if len(self._seen) > 100_000:
+            self._seen.clear()
+        self._seen[digest] = (now, record)
+        return record
+
+
+def _virtual_key_answer(record) -> web.Response:
+    from authsvc.store import utcnow
+    from proxycore.quota import KeyPolicy
+
+    now = utcnow()
+    reason = record.unusable_reason(now)
+    if reason in ("blocked", "expired"):
+        return web.Response(status=401)
+    policy = KeyPolicy(record.token_hash, frozenset(record.models) if record.models else None, record.rpm_limit,
+                       record.tpm_limit, record.max_parallel_requests, record.max_budget, record.spend_at(now))
+    headers = {"X-Key-Id": record.key_id, "X-Key-Policy": policy.to_header()}
+    if record.team_id and _TEAM_ID_OK.fullmatch(record.team_id):
+        headers["X-Team"] = record.team_id
+    return web.Response(status=204, headers=headers)
 
 
 async def auth(request: web.Request) -> web.Response:
@@ -119,9 +168,21 @@ async def auth(request: web.Request) -> web.Response:
     # aiohttp decodes header bytes with surrogateescape; this gives back the bytes the client sent
     digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
     known = request.app[KEYS].index.keys.get(digest)
-    if known is None or not hmac.compare_digest(known.sha256, digest):
+    if known is not None and hmac.compare_digest(known.sha256, digest):
+        return web.Response(status=204, headers=known.headers)
+    virtual = request.app.get(VIRTUAL)
+    if virtual is None:
         return web.Response(status=401)
-    return web.Response(status=204, headers=known.headers)
+    from authsvc.store import StoreError
+
+    try:
+        record = await virtual.lookup(digest)
+    except StoreError:
+        # nginx turns this into a JSON 503 that says the key database is unreachable
+        return web.Response(status=503, headers={"X-Gw-Error": "db_unavailable"})
+    if record is None or not hmac.compare_digest(record.token_hash, digest):
+        return web.Response(status=401)
+    return _virtual_key_answer(record)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -131,15 +192,35 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def make_auth_app(teams_path: str) -> web.Application:
-    """The authsvc app over one teams.yaml; raises ConfigError when the file does not load."""
+def make_auth_app(teams_path: str, database_url: str | None = None) -> web.Application:
+    """The authsvc app over one teams.yaml (and the key DB in DB mode); raises ConfigError when the file does not load."""
     store = KeyStore(teams_path)
     app = web.Application()
     app[KEYS] = store
+    if database_url:
+        app.cleanup_ctx.append(_open_key_database(database_url))
     app.router.add_route("*", "/auth", auth)
     app.router.add_get("/health", health)
     app.cleanup_ctx.append(_watch_teams_file)
     return app
+
+
+def _open_key_database(url: str):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from authsvc.store import Store, StoreUnavailable
+
+        store = None
+        while store is None:  # a database that is not up yet: keep trying, static keys already work
+            try:
+                store = await asyncio.to_thread(Store.open, url)
+            except StoreUnavailable as exc:
+                print(f"llmgate: authsvc: key database unavailable ({exc}); retrying in 2 s", file=sys.stderr, flush=True)
+                await asyncio.sleep(2)
+        app[VIRTUAL] = VirtualKeys(store)
+        yield
+        await asyncio.to_thread(store.close)
+
+    return ctx
 
 
 async def _watch_teams_file(app: web.Application) -> AsyncIterator[None]:
@@ -158,7 +239,12 @@ async def _watch_teams_file(app: web.Application) -> AsyncIterator[None]:
 
 def run_authsvc(args: argparse.Namespace) -> int:
     try:
-        app = make_auth_app(args.teams)
+        database_url = None
+        if getattr(args, "config", None):
+            from controller.config import load_proxy_config
+
+            database_url = load_proxy_config(args.config).database_url
+        app = make_auth_app(args.teams, database_url)
     except ConfigError as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2

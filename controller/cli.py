@@ -57,6 +57,7 @@ def _add_operate(sub: argparse._SubParsersAction) -> None:
 def _add_auth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("auth", help="serve authsvc: nginx's auth_request endpoint for team keys")
     p.add_argument("--teams", default="teams.yaml")
+    p.add_argument("--config", default=None, help="config.yaml, for general_settings.database_url (DB mode)")
     p.add_argument("--host", default=None, help="default: gateway.auth_listen of teams.yaml")
     p.add_argument("--port", type=int, default=None)
 

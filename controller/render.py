@@ -24,6 +24,7 @@ JS_MODULE_CANDIDATES = ("/usr/lib/nginx/modules/ngx_http_js_module.so", "/usr/li
 CHECKSUM_PLACEHOLDER = "@@LLMGATE_CONFIG_CHECKSUM@@"
 _QUOTABLE = re.compile(r"[A-Za-z0-9_.:/@+=~\[\]-]*")
 AUTH_CACHE_OK = "5s"
+AUTH_CACHE_OK_DB = "3s"  # + authsvc's own 1 s: a blocked or deleted virtual key is refused within 5 s
 AUTH_CACHE_DENIED = "1s"
 
 
@@ -87,7 +88,7 @@ def render_nginx_conf(cfg: GatewayConfig, prefix: str, internal_key: str, js_mod
         "access_log": _path(gw.log_dir + "/access.jsonl"),
         "proxy_addr": str(gw.proxy_listen),
         "auth_addr": str(gw.auth_listen),
-        "auth_cache_ok": AUTH_CACHE_OK,
+        "auth_cache_ok": AUTH_CACHE_OK_DB if cfg.proxy.database_url else AUTH_CACHE_OK,
         "auth_cache_denied": AUTH_CACHE_DENIED,
         "max_body": gw.max_body,
         "listen": str(gw.listen),

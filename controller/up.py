@@ -103,8 +103,8 @@ class Gateway:
             await self.sup.add(ChildSpec(f"fake-vllm:{port}", argv, ready=r"listening on"))
         await self.sup.add(ChildSpec("proxycore", self._proxy_argv(gw.proxy_listen, gw.workers), ready=r"listening on"))
         await self.sync_dedicated(self.cfg)
-        if gw.key_lookup == "service":
-            auth = [*LLMGATE, "auth", "--teams", self.args.teams]
+        if gw.key_lookup == "service" or self.cfg.proxy.database_url:
+            auth = [*LLMGATE, "auth", "--teams", self.args.teams, "--config", self.args.config]
             await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on"))
         first = self.reloader.initial()
         if not first.ok:
