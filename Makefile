@@ -24,7 +24,7 @@ system-deps:
 
 # What only the tests need: headless Chromium for pages, promtool for the alert rules (Debian's packages).
 test-deps: system-deps
-	@command -v chromium >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium chromium-driver; }
 	@command -v promtool >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus; }
 
 up: venv system-deps

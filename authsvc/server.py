@@ -122,8 +122,16 @@ class VirtualKeys:
         self.store = store
         self._seen: dict[str, tuple[float, object]] = {}  # hash -> (when fetched, KeyRecord or None)
 
+    def _fetch(self, digest: str):
+        """(key record, its team's record) — None for a key that does not exist."""
+        record = self.store.key_by_hash(digest)
+        if record is None:
+            return None
+        team = self.store.team_by_id(record.team_id) if record.team_id else None
+        return record, team
+
     async def lookup(self, digest: str):
-        """The key's record or None; raises StoreUnavailable when the DB is down and the key was not seen lately."""
+        """(key, team) records or None; raises StoreUnavailable when the DB is down and the key was not seen lately."""
         from authsvc.store import StoreError
 
         now = time.monotonic()
@@ -131,7 +139,11 @@ class VirtualKeys:
         if seen is not None and now - seen[0] < FRESH_S:
             return seen[1]
         try:
-            record = await asyncio.to_thread(self.store.key_by_hash, digest)
+            try:
+                record = await asyncio.to_thread(self._fetch, digest)
+            except StoreError:
+                # a connection the server closed (say, it restarted) fails once; the store reconnects on the next call
+                record = await asyncio.to_thread(self._fetch, digest)
         except StoreError:
             if seen is not None and now - seen[0] < STALE_OK_S:
                 return seen[1]
@@ -142,16 +154,22 @@ class VirtualKeys:
         return record
 
 
-def _virtual_key_answer(record) -> web.Response:
+def _virtual_key_answer(record, team) -> web.Response:
     from authsvc.store import utcnow
     from proxycore.quota import KeyPolicy
 
     now = utcnow()
     reason = record.unusable_reason(now)
-    if reason in ("blocked", "expired"):
+    if reason in ("blocked", "expired") or (team is not None and team.unusable_reason(now) == "blocked"):
         return web.Response(status=401)
-    policy = KeyPolicy(record.token_hash, frozenset(record.models) if record.models else None, record.rpm_limit,
-                       record.tpm_limit, record.max_parallel_requests, record.max_budget, record.spend_at(now))
+    spend, max_budget = record.spend_at(now), record.max_budget
+    if team is not None and team.max_budget is not None and team.spend_at(now) >= team.max_budget:
+        spend, max_budget = team.spend_at(now), team.max_budget  # the team's budget is spent: so is the key's
+    models = set(record.models) if record.models else None
+    if team is not None and team.models:
+        models = set(team.models) if models is None else models & set(team.models)
+    policy = KeyPolicy(record.token_hash, frozenset(models) if models is not None else None, record.rpm_limit,
+                       record.tpm_limit, record.max_parallel_requests, max_budget, spend)
     headers = {"X-Key-Id": record.key_id, "X-Key-Policy": policy.to_header()}
     if record.team_id and _TEAM_ID_OK.fullmatch(record.team_id):
         headers["X-Team"] = record.team_id
@@ -176,13 +194,13 @@ async def auth(request: web.Request) -> web.Response:
     from authsvc.store import StoreError
 
     try:
-        record = await virtual.lookup(digest)
+        found = await virtual.lookup(digest)
     except StoreError:
         # nginx turns this into a JSON 503 that says the key database is unreachable
         return web.Response(status=503, headers={"X-Gw-Error": "db_unavailable"})
-    if record is None or not hmac.compare_digest(record.token_hash, digest):
+    if found is None or not hmac.compare_digest(found[0].token_hash, digest):
         return web.Response(status=401)
-    return _virtual_key_answer(record)
+    return _virtual_key_answer(*found)
 
 
 async def health(request: web.Request) -> web.Response:

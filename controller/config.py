@@ -116,9 +116,14 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
             max_request_bytes = int(mb * 1024 * 1024)
         health_check_interval = general.opt("health_check_interval", _positive_number) or 30.0
         database_url = general.opt("database_url", _string)
-        if database_url is not None and not database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise general.child("database_url").error("sqlite:///path/to/llmgate.db or postgresql://user@host/db",
-                                                      "fix the URL", show_value=False)
+        if database_url is not None:
+            from authsvc.store import parse_database_url
+
+            try:
+                parse_database_url(database_url)
+            except ValueError as exc:
+                raise general.child("database_url").error(
+                    "sqlite:///path/to/llmgate.db or postgresql://user@host/db", str(exc), show_value=False) from None
 
     litellm = root.get("litellm_settings")
     ssl_verify: bool | str = True

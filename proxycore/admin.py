@@ -687,6 +687,8 @@ class SpendWriter:
                         await asyncio.to_thread(self.store.reset_budgets)
                     except StoreError as exc:
                         log.warning("spend writer: budget reset skipped: %s", exc)
+                    except Exception:
+                        log.exception("spend writer: budget reset failed")
         finally:
             await self.flush()
 
@@ -717,6 +719,10 @@ class SpendWriter:
                         except (ValueError, TypeError, StoreError) as exc:
                             self.dropped += 1
                             log.error("spend writer: dropped an entry the store refuses (%s): %r", exc, entry)
+                except Exception:
+                    self._requeue(batch)  # a bug, not bad data: keep the entries, say so, try again later
+                    log.exception("spend writer: writing %d entries failed; keeping them", len(batch))
+                    return written
                 if self._down_since is not None:
                     log.warning("spend writer: database back after %.0f s", time.monotonic() - self._down_since)
                     self._down_since = None

@@ -18,6 +18,7 @@ import ssl
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import aiohttp
 import orjson
@@ -109,6 +110,8 @@ LIVE = web.AppKey("live", LiveGateway)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 USAGE = web.AppKey("usage", UsageLog)
 QUOTAS = web.AppKey("quotas", Quotas)
+STORE = web.AppKey("store", object)  # authsvc.store.Store, in DB mode
+SPEND = web.AppKey("spend", object)  # proxycore.admin.SpendWriter, in DB mode
 CLOCK = web.AppKey("clock", Clock)
 
 
@@ -658,11 +661,19 @@ def _record(app: web.Application, gw: Gateway, ex: Exchange) -> None:
         _settle_quota(app, gw, ex, cost)
     if ex.key_meter is not None:
         _settle_key(ex)
+    ts = app[CLOCK].now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if ex.key_policy is not None:
+        writer = app.get(SPEND)
+        if writer is not None:
+            writer.add({"request_id": ex.request_id, "key_hash": ex.key_policy.key_hash, "team_id": ex.team,
+                        "model": model, "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
+                        "total_tokens": ex.prompt_tokens + ex.completion_tokens, "spend": cost,
+                        "status": ex.status, "start_time": ts})
     usage = app.get(USAGE)
     if usage is None:
         return
     usage.write({
-        "ts": app[CLOCK].now().isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": ts,
         "request_id": ex.request_id,
         "team": ex.team,
         "key_id": ex.key_id,
@@ -882,5 +893,41 @@ def make_app(live: LiveGateway, *, usage_log: UsageLog | None = None, quotas: Qu
     r.add_get("/health/readiness", readiness)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics_endpoint)
+    if live.gw.config.database_url:
+        from proxycore.admin import register_admin_routes
+
+        app.cleanup_ctx.append(_key_database)
+        register_admin_routes(app, STORE, lambda: app[LIVE].gw.config.master_key)
     r.add_route("*", "/{tail:.*}", not_found)
     return app
+
+
+async def _key_database(app: web.Application):
+    """DB mode: the key store, the spend writer, and the usage log replayed so a crash loses no spend."""
+    from authsvc.store import Store, StoreUnavailable
+    from proxycore.admin import SpendWriter, replay_usage_log, spend_writer_ctx
+
+    url = app[LIVE].gw.config.database_url
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            store = await asyncio.to_thread(Store.open, url)
+            break
+        except StoreUnavailable as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"llmgate: proxycore: key database unavailable for 60 s: {exc}") from None
+            print(f"llmgate: proxycore: key database unavailable ({exc}); retrying in 2 s", file=sys.stderr, flush=True)
+            await asyncio.sleep(2)
+    app[STORE] = store
+    usage = app.get(USAGE)
+    if usage is not None and os.path.exists(usage.path):
+        latest = await asyncio.to_thread(store.latest_spend_time)
+        since = latest - timedelta(hours=1) if latest else None
+        try:
+            await asyncio.to_thread(replay_usage_log, store, usage.path, since)
+        except StoreUnavailable as exc:
+            print(f"llmgate: proxycore: spend replay postponed: {exc}", file=sys.stderr, flush=True)
+    writer = app[SPEND] = SpendWriter(store)
+    async for _ in spend_writer_ctx(writer)(app):
+        yield
+    await asyncio.to_thread(store.close)

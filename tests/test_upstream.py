@@ -208,41 +208,37 @@ async def test_cancelling_the_waiting_task_closes_the_connection(fake, client):
 
 # ---------------------------------------------------------------- connections and the pool
 
-async def test_sequential_requests_reuse_one_keep_alive_connection(raw):
+async def test_sequential_requests_reuse_one_keep_alive_connection(raw, client):
     async def handle(reader, writer):
         while (request := await server.read_request(reader)) is not None:
             writer.write(answer(request.split(b"\r\n", 1)[0]))
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for i in range(5):
         resp = await client.request("POST", url.with_query(n=i), headers={"X-Request-ID": f"r{i}"}, body=b"hello",
                                     **TIMEOUTS)
         assert await resp.read() == f"POST /p?n={i} HTTP/1.1".encode()
-    await client.close()
     assert server.connections == 1
     port = url.port
     assert server.requests[0] == (f"POST /p?n=0 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Request-ID: r0\r\n"
                                   "Content-Length: 5\r\n\r\nhello").encode()
 
 
-async def test_concurrent_requests_open_one_connection_each_and_all_return_to_the_pool(raw):
+async def test_concurrent_requests_open_one_connection_each_and_all_return_to_the_pool(raw, client):
     async def handle(reader, writer):
         while await server.read_request(reader) is not None:
             await asyncio.sleep(0.05)
             writer.write(answer(b"ok"))
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for _ in range(2):
         responses = await asyncio.gather(*(client.request("GET", url, headers={}, **TIMEOUTS) for _ in range(8)))
         assert [await r.read() for r in responses] == [b"ok"] * 8
-    await client.close()
     assert server.connections == 8
 
 
 @pytest.mark.parametrize("how", ["eof", "reset"])
-async def test_a_pooled_connection_the_server_just_closed_is_retried_once_on_a_fresh_one(raw, how):
+async def test_a_pooled_connection_the_server_just_closed_is_retried_once_on_a_fresh_one(raw, how, client):
     async def handle(reader, writer):
         first_connection = server.connections == 1
         while (request := await server.read_request(reader)) is not None:
@@ -253,15 +249,13 @@ async def test_a_pooled_connection_the_server_just_closed_is_retried_once_on_a_f
             writer.write(answer(b"got " + request[-1:]))
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     assert await (await client.request("POST", url, headers={}, body=b"1", **TIMEOUTS)).read() == b"got 1"
     assert await (await client.request("POST", url, headers={}, body=b"2", **TIMEOUTS)).read() == b"got 2"
-    await client.close()
     assert server.connections == 2
     assert [r[-1:] for r in server.requests] == [b"1", b"2", b"2"]
 
 
-async def test_no_retry_once_a_response_byte_arrived(raw):
+async def test_no_retry_once_a_response_byte_arrived(raw, client):
     async def handle(reader, writer):
         await server.read_request(reader)
         writer.write(answer(b"first"))
@@ -269,27 +263,23 @@ async def test_no_retry_once_a_response_byte_arrived(raw):
         writer.write(b"HTTP/1.1 200")  # then the connection breaks
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     await (await client.request("POST", url, headers={}, body=b"1", **TIMEOUTS)).read()
     with pytest.raises(UpstreamProtocolError):
         await client.request("POST", url, headers={}, body=b"2", **TIMEOUTS)
-    await client.close()
     assert server.connections == 1 and len(server.requests) == 2
 
 
-async def test_a_fresh_connection_closed_before_any_byte_is_a_connect_error_without_retry(raw):
+async def test_a_fresh_connection_closed_before_any_byte_is_a_connect_error_without_retry(raw, client):
     async def handle(reader, writer):
         await server.read_request(reader)
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     with pytest.raises(UpstreamConnectError, match="closed the connection before answering"):
         await client.request("POST", url, headers={}, body=b"x", **TIMEOUTS)
-    await client.close()
     assert server.connections == 1
 
 
-async def test_connect_timeout_is_a_timeout():
+async def test_connect_timeout_is_a_timeout(client):
     with socket.socket() as full:  # a listener whose backlog is full: the kernel drops further SYNs
         full.bind(("127.0.0.1", 0))
         full.listen(0)
@@ -300,25 +290,21 @@ async def test_connect_timeout_is_a_timeout():
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             waiting.append(s)
-        client = UpstreamClient()
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout, match="within 0.2 s"):
             await client.request("GET", URL(f"http://127.0.0.1:{port}/"), headers={}, connect_timeout=0.2,
                                  first_byte_timeout=5, read_timeout=5)
         assert time.monotonic() - started < 1.0
-        await client.close()
         for s in waiting:
             s.close()
 
 
-async def test_connection_refused_is_a_connect_error():
+async def test_connection_refused_is_a_connect_error(client):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = UpstreamClient()
     with pytest.raises(UpstreamConnectError, match=f"could not connect to 127.0.0.1:{port}"):
         await client.request("GET", URL(f"http://127.0.0.1:{port}/"), headers={}, **TIMEOUTS)
-    await client.close()
 
 
 async def test_idle_connections_are_closed_after_idle_timeout(raw):
@@ -336,7 +322,7 @@ async def test_idle_connections_are_closed_after_idle_timeout(raw):
     assert server.connections == 2
 
 
-async def test_release_without_reading_reuses_a_complete_answer_and_closes_an_unfinished_one(raw):
+async def test_release_without_reading_reuses_a_complete_answer_and_closes_an_unfinished_one(raw, client):
     async def handle(reader, writer):
         while (request := await server.read_request(reader)) is not None:
             if b"unfinished" in request:
@@ -346,7 +332,6 @@ async def test_release_without_reading_reuses_a_complete_answer_and_closes_an_un
             writer.write(answer(b"small"))
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for _ in range(2):
         resp = await client.request("GET", url, headers={}, **TIMEOUTS)
         await asyncio.sleep(0.05)  # the whole body has arrived, unread
@@ -355,29 +340,24 @@ async def test_release_without_reading_reuses_a_complete_answer_and_closes_an_un
     resp = await client.request("GET", url, headers={"X": "unfinished"}, **TIMEOUTS)
     resp.release()
     await asyncio.wait_for(server.closed_by_peer.wait(), 1.0)
-    await client.close()
 
 
 @pytest.mark.parametrize("status_line, extra", [(b"HTTP/1.1 200 OK", b"Connection: close\r\n"),
                                                 (b"HTTP/1.0 200 OK", b"")])
-async def test_an_answer_that_ends_keep_alive_is_not_reused(raw, status_line, extra):
+async def test_an_answer_that_ends_keep_alive_is_not_reused(raw, status_line, extra, client):
     async def handle(reader, writer):
         while await server.read_request(reader) is not None:  # keeps the connection open all the same
             writer.write(status_line + b"\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for _ in range(2):
         assert await (await client.request("GET", url, headers={}, **TIMEOUTS)).read() == b"ok"
-    await client.close()
     assert server.connections == 2
 
 
-async def test_header_values_with_a_newline_are_refused():
-    client = UpstreamClient()
+async def test_header_values_with_a_newline_are_refused(client):
     with pytest.raises(ValueError, match="CR or LF"):
         await client.request("GET", URL("http://127.0.0.1:9/"), headers={"Authorization": "Bearer k\n"}, **TIMEOUTS)
-    await client.close()
 
 
 # ---------------------------------------------------------------- bodies
@@ -391,7 +371,7 @@ BODIES = {
 
 @pytest.mark.parametrize("framing", BODIES)
 @pytest.mark.parametrize("reading", ["read", "iterate"])
-async def test_bodies_framed_every_way_read_whole(raw, framing, reading):
+async def test_bodies_framed_every_way_read_whole(raw, framing, reading, client):
     async def handle(reader, writer):
         while await server.read_request(reader) is not None:
             data = BODIES[framing]
@@ -403,12 +383,10 @@ async def test_bodies_framed_every_way_read_whole(raw, framing, reading):
                 return
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for _ in range(2):
         resp = await client.request("GET", url, headers={}, **TIMEOUTS)
         body = await resp.read() if reading == "read" else b"".join([p async for p in resp])
         assert body == b"hello world"
-    await client.close()
     assert server.connections == (2 if framing == "until-close" else 1)
 
 
@@ -419,13 +397,12 @@ CUT_SHORT = {
 
 
 @pytest.mark.parametrize("framing", CUT_SHORT)
-async def test_a_body_cut_short_is_a_protocol_error(raw, framing):
+async def test_a_body_cut_short_is_a_protocol_error(raw, framing, client):
     async def handle(reader, writer):
         await server.read_request(reader)
         writer.write(CUT_SHORT[framing])
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     with pytest.raises(UpstreamProtocolError, match="before the end of the response"):
         await (await client.request("GET", url, headers={}, **TIMEOUTS)).read()
     resp = await client.request("GET", url, headers={}, **TIMEOUTS)
@@ -434,36 +411,31 @@ async def test_a_body_cut_short_is_a_protocol_error(raw, framing):
         async for piece in resp:
             pieces.append(piece)
     assert b"".join(pieces).startswith(b"hello")
-    await client.close()
 
 
-async def test_a_malformed_response_is_a_protocol_error(raw):
+async def test_a_malformed_response_is_a_protocol_error(raw, client):
     async def handle(reader, writer):
         await server.read_request(reader)
         writer.write(b"<html>not http</html>\r\n\r\n")
         await server.wait_for_close(reader)
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     with pytest.raises(UpstreamProtocolError, match="malformed response"):
         await client.request("GET", url, headers={}, **TIMEOUTS)
-    await client.close()
 
 
-async def test_bytes_after_the_end_of_a_response_keep_its_connection_out_of_the_pool(raw):
+async def test_bytes_after_the_end_of_a_response_keep_its_connection_out_of_the_pool(raw, client):
     async def handle(reader, writer):
         while await server.read_request(reader) is not None:
             writer.write(answer(b"ok") + answer(b"unasked"))
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     for _ in range(2):
         assert await (await client.request("GET", url, headers={}, **TIMEOUTS)).read() == b"ok"
-    await client.close()
     assert server.connections == 2
 
 
-async def test_a_body_that_goes_silent_times_out_after_read_timeout(raw):
+async def test_a_body_that_goes_silent_times_out_after_read_timeout(raw, client):
     async def handle(reader, writer):
         await server.read_request(reader)
         writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
@@ -473,7 +445,6 @@ async def test_a_body_that_goes_silent_times_out_after_read_timeout(raw):
         await server.wait_for_close(reader)
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     resp = await client.request("GET", url, headers={}, connect_timeout=1, first_byte_timeout=1, read_timeout=0.25)
     received = b""
     started = time.monotonic()
@@ -483,17 +454,15 @@ async def test_a_body_that_goes_silent_times_out_after_read_timeout(raw):
     assert received == b"hello..."
     assert 0.5 <= time.monotonic() - started < 1.0
     await asyncio.wait_for(server.closed_by_peer.wait(), 1.0)
-    await client.close()
 
 
-async def test_cancelling_a_task_reading_the_body_closes_the_connection(raw):
+async def test_cancelling_a_task_reading_the_body_closes_the_connection(raw, client):
     async def handle(reader, writer):
         await server.read_request(reader)
         writer.write(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         await server.wait_for_close(reader)
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     resp = await client.request("GET", url, headers={}, **TIMEOUTS)
     task = asyncio.ensure_future(resp.read())
     await asyncio.sleep(0.05)
@@ -503,10 +472,9 @@ async def test_cancelling_a_task_reading_the_body_closes_the_connection(raw):
     await asyncio.wait_for(server.closed_by_peer.wait(), 1.0)
     with pytest.raises(UpstreamError):
         await resp.read()
-    await client.close()
 
 
-async def test_a_large_body_read_slowly_arrives_whole(raw):
+async def test_a_large_body_read_slowly_arrives_whole(raw, client):
     blob = bytes(range(256)) * (16 * 1024)  # 4 MiB: far above what is buffered before reading pauses
 
     async def handle(reader, writer):
@@ -515,7 +483,6 @@ async def test_a_large_body_read_slowly_arrives_whole(raw):
             await writer.drain()
 
     server, url = await raw(handle)
-    client = UpstreamClient()
     resp = await client.request("GET", url, headers={}, **TIMEOUTS)
     pieces = []
     async for piece in resp:
@@ -523,7 +490,6 @@ async def test_a_large_body_read_slowly_arrives_whole(raw):
         await asyncio.sleep(0.001)
     assert b"".join(pieces) == blob
     assert await (await client.request("GET", url, headers={}, **TIMEOUTS)).read() == blob
-    await client.close()
     assert server.connections == 1
 
 
