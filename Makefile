@@ -26,6 +26,7 @@ system-deps:
 test-deps: system-deps
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium chromium-driver; }
 	@command -v promtool >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus; }
+	@bash tests/services/ensure-postgres.sh
 
 up: venv system-deps
 	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml
