@@ -172,7 +172,9 @@ async def cpu_of(phase: Phase, count: int, concurrency: int) -> tuple[float, int
 async def measure(port: int, args: argparse.Namespace) -> list[list[str]]:
     url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
     unary, stream = chat_body(False, 16), chat_body(True, args.stream_chunks)
-    connector = aiohttp.TCPConnector(limit=0, ssl=True, ttl_dns_cache=300, keepalive_timeout=30)
+    # proxycore's connector, but with keepalive_timeout 4 s instead of 30: the backend closes idle connections
+    # after 5 s (as vLLM's uvicorn does) and aiohttp then fails the next request on one with a reset.
+    connector = aiohttp.TCPConnector(limit=0, ssl=True, ttl_dns_cache=300, keepalive_timeout=4)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
     client = UpstreamClient()
     clients = {"aiohttp": aiohttp_phases(session, url, unary, stream),

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from proxycore.errors import error_response, upstream_error_message
 from proxycore.router import DeploymentState, ModelGroup, build_groups, pick_deployment
 from proxycore.quota import (DEFAULT_COMPLETION_ESTIMATE, PROMPT_BYTES_PER_TOKEN, Clock, KeyPolicy, Quotas, TeamMeter,
                              month_id, next_month, parse_key_policy)
+from proxycore.upstream import UpstreamClient, UpstreamError, UpstreamProtocolError, UpstreamResponse, UpstreamTimeout
 from proxycore.usage_log import UsageLog
 
 log = logging.getLogger("llmgate.proxy")
@@ -107,7 +107,7 @@ class LiveGateway:
 
 
 LIVE = web.AppKey("live", LiveGateway)
-HTTP = web.AppKey("http", aiohttp.ClientSession)
+HTTP = web.AppKey("http", UpstreamClient)
 USAGE = web.AppKey("usage", UsageLog)
 QUOTAS = web.AppKey("quotas", Quotas)
 STORE = web.AppKey("store", object)  # authsvc.store.Store, in DB mode
@@ -451,7 +451,7 @@ def _attempt_failed(gw: Gateway, ex: Exchange, kind: str) -> None:
 
 
 async def _call_upstream(request: web.Request, gw: Gateway, body: dict, group: ModelGroup,
-                         ex: Exchange) -> tuple[aiohttp.ClientResponse, bytes | None]:
+                         ex: Exchange) -> tuple[UpstreamResponse, bytes | None]:
     """POST to deployments until one answers with a status we pass on (not 5xx, not 429).
 
     Non-streaming bodies are read here too, so a response that breaks off is retried as well:
@@ -488,24 +488,22 @@ async def _call_upstream(request: web.Request, gw: Gateway, body: dict, group: M
             headers["X-Request-ID"] = ex.request_id
             _hold(ex, dep, now)
             try:
-                resp = await session.post(dep.urls[ex.kind], data=orjson.dumps(body), headers=headers,
-                                          timeout=dep.stream_timeout if ex.stream else dep.unary_timeout)
+                wait = dep.stream_idle_timeout if ex.stream else dep.unary_timeout
+                resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=orjson.dumps(body),
+                                             connect_timeout=dep.connect_timeout, first_byte_timeout=wait,
+                                             read_timeout=wait)
                 if resp.status >= 500 or resp.status == 429:
                     last = await _failure_from_status(resp, dep, g)
                     _attempt_failed(gw, ex, "status_429" if resp.status == 429 else "status_5xx")
                     continue
                 if ex.stream:
                     return resp, None
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
-                return resp, raw
-            except asyncio.TimeoutError:
+                return resp, await resp.read()
+            except UpstreamTimeout:
                 last = UpstreamFailure(504, f"Deployment `{dep.d.id}` of `{g.name}` timed out before answering.",
                                        "backend_timeout")
                 _attempt_failed(gw, ex, "timeout")
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 last = UpstreamFailure(503, f"Could not reach deployment `{dep.d.id}` of `{g.name}`: "
                                        f"{type(exc).__name__}.", "backend_unreachable")
                 _attempt_failed(gw, ex, "connect")
@@ -513,17 +511,21 @@ async def _call_upstream(request: web.Request, gw: Gateway, body: dict, group: M
     raise last
 
 
-async def _failure_from_status(resp: aiohttp.ClientResponse, dep: DeploymentState, g: ModelGroup) -> UpstreamFailure:
+async def _failure_from_status(resp: UpstreamResponse, dep: DeploymentState, g: ModelGroup) -> UpstreamFailure:
+    raw = b""
     try:
-        raw = await resp.content.read(_ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        raw = b""
+        async for piece in resp:
+            raw += piece
+            if len(raw) >= _ERROR_BODY_LIMIT:
+                break
+    except UpstreamError:
+        pass
     finally:
         resp.release()
     message, _, _ = upstream_error_message(raw)
     if resp.status == 429:
         return UpstreamFailure(429, f"Every deployment of `{g.name}` is busy: {message}", "rate_limit_exceeded",
-                               {"Retry-After": resp.headers.get("Retry-After", "1")})
+                               {"Retry-After": resp.headers.get("retry-after", "1")})
     return UpstreamFailure(502, f"Deployment `{dep.d.id}` of `{g.name}` failed with {resp.status}: {message}",
                            "backend_error")
 
@@ -549,7 +551,7 @@ async def _relay_unary(request: web.Request, gw: Gateway, body: dict, group: Mod
                               "backend_invalid_response") from None
     _take_usage(ex, usage)
     ex.status = 200
-    return web.Response(body=raw, headers={"Content-Type": resp.headers.get("Content-Type", "application/json"),
+    return web.Response(body=raw, headers={"Content-Type": resp.headers.get("content-type", "application/json"),
                                            "X-Request-ID": ex.request_id})
 
 
@@ -564,7 +566,7 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
         body["stream_options"] = {**options, "include_usage": True}
     resp, _ = await _call_upstream(request, gw, body, group, ex)
     try:
-        if resp.status != 200 or not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if resp.status != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
             raw = await resp.read()
             if resp.status == 200:
                 _attempt_failed(gw, ex, "invalid_response")
@@ -577,7 +579,7 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
         pending = b""
         saw_done = False
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp:
                 if ex.ttft_s is None:
                     ex.ttft_s = time.monotonic() - ex.started
                 data = pending + chunk if pending else chunk
@@ -597,8 +599,8 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
                 await out.write(pending)
                 saw_done = saw_done or b"data: [DONE]" in pending
             if not saw_done:
-                raise aiohttp.ClientPayloadError("the stream ended without data: [DONE]")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise UpstreamProtocolError("the stream ended without data: [DONE]")
+        except UpstreamError as exc:
             # Bytes already reached the client: no retry, and never a fake [DONE].
             ex.status, ex.error = 502, "backend_stream_broken"
             metrics.BACKEND_ERRORS.labels(ex.deployment.d.id, "stream_broken").inc()
@@ -799,12 +801,13 @@ async def _health_checks(app: web.Application) -> None:
                     asyncio.ensure_future(_probe(app, session, s))
 
 
-async def _probe(app: web.Application, session: aiohttp.ClientSession, s: DeploymentState) -> None:
+async def _probe(app: web.Application, session: UpstreamClient, s: DeploymentState) -> None:
     try:
-        async with session.get(s.urls["models"], headers=s.headers, timeout=aiohttp.ClientTimeout(total=5)) as r:
-            healthy = r.status == 200
-            await r.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+        r = await session.request("GET", s.urls["models"], headers=s.headers, connect_timeout=5,
+                                  first_byte_timeout=5, read_timeout=5)
+        await r.read()
+        healthy = r.status == 200
+    except UpstreamError:
         healthy = False
     r = app[LIVE].gw.config.router
     if healthy:
@@ -825,8 +828,7 @@ STARTED = web.AppKey("started", float)
 async def _client_session(app: web.Application):
     ssl_verify = app[LIVE].gw.config.ssl_verify
     tls: bool | ssl.SSLContext = ssl_verify if isinstance(ssl_verify, bool) else ssl.create_default_context(cafile=ssl_verify)
-    connector = aiohttp.TCPConnector(limit=0, ssl=tls, ttl_dns_cache=300, keepalive_timeout=30)
-    app[HTTP] = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+    app[HTTP] = UpstreamClient(ssl=tls)
     for g in app[LIVE].gw.groups.values():
         for s in g.members:
             metrics.DEPLOYMENT_UP.labels(s.d.id).set(1)

@@ -8,7 +8,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import aiohttp
 import yarl
 
 from controller.config import Deployment, ProxyConfig
@@ -23,7 +22,7 @@ LATENCY_EXPLORE = 0.1  # share of latency-based picks that go to a random deploy
 class DeploymentState:
     """A deployment plus what the router learns about it while serving."""
 
-    __slots__ = ("d", "urls", "headers", "unary_timeout", "stream_timeout", "in_flight", "latency_s",
+    __slots__ = ("d", "urls", "headers", "connect_timeout", "unary_timeout", "stream_idle_timeout", "in_flight", "latency_s",
                  "minute", "minute_requests", "minute_tokens", "fail_times", "down_until", "up")
 
     def __init__(self, d: Deployment):
@@ -32,10 +31,9 @@ class DeploymentState:
         self.headers = {"Content-Type": "application/json"}
         if d.api_key:
             self.headers["Authorization"] = f"Bearer {d.api_key}"
-        connect = min(d.timeout, 10.0)
-        self.unary_timeout = aiohttp.ClientTimeout(total=d.timeout, sock_connect=connect)
-        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect,
-                                                    sock_read=d.stream_timeout or d.timeout)
+        self.connect_timeout = min(d.timeout, 10.0)
+        self.unary_timeout = d.timeout  # the whole answer: vLLM sends a non-streamed one at once
+        self.stream_idle_timeout = d.stream_timeout or d.timeout  # the longest silence inside a stream
         self.in_flight = 0
         self.latency_s: float | None = None  # moving average of time to first byte
         self.minute = 0
