@@ -307,6 +307,13 @@ async def _read_body(request: web.Request, kind: str, gw: Gateway) -> tuple[dict
     return body, None
 
 
+def _tokens_up_front(body: dict, body_bytes: int, kind: str) -> int:
+    """What a request is charged against a TPM limit before it runs: its prompt estimate and its max_tokens."""
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    completion = 0 if kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+    return body_bytes // PROMPT_BYTES_PER_TOKEN + completion
+
+
 def _charge_quota(quotas: Quotas, team: Team, body: dict, body_bytes: int, ex: Exchange) -> web.Response | None:
     """Refuse a team over its monthly budget or its tokens per minute; else charge the minute up front."""
     meter = ex.meter = quotas.meter(team.name)
@@ -325,9 +332,7 @@ def _charge_quota(quotas: Quotas, team: Team, body: dict, body_bytes: int, ex: E
                                   f"{next_month(now):%Y-%m-%d} 00:00 UTC.", "insufficient_quota",
                                   type_="insufficient_quota", headers={"x-should-retry": "false"})
     if team.tpm is not None:
-        limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        completion = 0 if ex.kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
-        charge = body_bytes // PROMPT_BYTES_PER_TOKEN + completion
+        charge = _tokens_up_front(body, body_bytes, ex.kind)
         minute = quotas.minute()
         if not meter.reserve(minute, charge, team.tpm):
             ex.status, ex.error = 429, "rate_limit_exceeded"
@@ -366,9 +371,7 @@ def _charge_key(request: web.Request, quotas: Quotas | None, body: dict, ex: Exc
         return error_response(429, f"This key reached its limit of {policy.rpm} requests per minute; retry in {wait} s.",
                               "rate_limit_exceeded", type_="requests", headers={"Retry-After": str(wait)})
     if policy.tpm is not None:
-        limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        charge = (request.content_length or 0) // PROMPT_BYTES_PER_TOKEN + (
-            0 if ex.kind == "embeddings" else limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+        charge = _tokens_up_front(body, request.content_length or 0, ex.kind)
         if not meter.reserve(minute, charge, policy.tpm):
             ex.status, ex.error = 429, "rate_limit_exceeded"
             metrics.rate_limit_hit(ex.team or "", "key_tpm")
