@@ -154,6 +154,11 @@ def proc_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def proc_ppid(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def start_time(pid: int) -> int | None:
     """Field 22 of proc(5): tells a process from a later one that reuses its PID."""
     fields = stat_fields(pid)
@@ -401,12 +406,12 @@ def gateway_children(up: Server, key_lookup: str) -> dict[str, Server]:
     """The children of `llmgate up` by role, told apart by their command lines."""
     parts: dict[str, Server] = {}
     for pid in process_tree(up.pid)[1:]:
+        if proc_ppid(pid) != up.pid:
+            continue  # a grandchild: an nginx worker
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if proc_ppid(pid) != up.pid:
-            continue  # a grandchild: an nginx worker
         command = argv[argv.index("controller.cli") + 1] if "controller.cli" in argv[:-1] else ""
         role = "nginx" if argv[0].startswith("nginx: master") else CHILD_ROLES.get(command)
         if role is not None:
@@ -416,11 +421,6 @@ def gateway_children(up: Server, key_lookup: str) -> dict[str, Server]:
     if set(parts) != wanted:
         raise BenchError(f"llmgate up runs {sorted(parts)}, expected {sorted(wanted)}:\n{tail(up.log_path)}")
     return parts
-
-
-def proc_ppid(pid: int) -> int | None:
-    fields = stat_fields(pid)
-    return int(fields[1]) if fields else None
 
 
 def stop_gateway(gateway: Gateway) -> list[int]:
