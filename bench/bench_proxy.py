@@ -296,14 +296,30 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def write_proxy_config(path: Path, backend_port: int) -> None:
-    """config.yaml in LiteLLM's format: one deployment, the fake backend."""
+def write_proxy_config(path: Path, backend_port: int, database_url: str | None = None) -> None:
+    """config.yaml in LiteLLM's format: one deployment, the fake backend (and a key database in DB mode)."""
+    db = f", database_url: \"{database_url}\"" if database_url else ""
     path.write_text(
         "model_list:\n"
         f"  - model_name: {MODEL}\n"
         f"    litellm_params: {{model: hosted_vllm/{MODEL}, "
         f"api_base: \"http://127.0.0.1:{backend_port}/v1\", api_key: \"\"}}\n"
-        f"general_settings: {{master_key: {MASTER_KEY}}}\n")
+        f"general_settings: {{master_key: {MASTER_KEY}{db}}}\n")
+
+
+def generate_virtual_key(port: int) -> str:
+    """LiteLLM's /key/generate through the gateway, with the master key; no limits on the key."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/key/generate", body=b"{}", headers={"Authorization": f"Bearer {MASTER_KEY}",
+                                                                   "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise BenchError(f"/key/generate answered {resp.status}: {body[:200]!r}")
+    return json.loads(body)["key"]
 
 
 # ---------------------------------------------------------------- nginx alone
@@ -365,13 +381,15 @@ class Gateway:
     run_dir: Path
 
 
-def start_gateway(key_lookup: str, backend_port: int, workdir: Path) -> Gateway:
-    """`llmgate up` with one team whose key is TEAM_KEY; ready when it prints `llmgate is up`."""
-    base = workdir / f"gateway-{key_lookup}"
+def start_gateway(key_lookup: str, backend_port: int, workdir: Path, db: bool = False) -> Gateway:
+    """`llmgate up` with one team whose key is TEAM_KEY; ready when it prints `llmgate is up`.
+
+    `db`: DB mode, with a SQLite key database (virtual keys beside the static team key)."""
+    base = workdir / f"gateway-{key_lookup}{'-db' if db else ''}"
     base.mkdir()
     port, proxy_port, auth_port = free_port(), free_port(), free_port()
     config, teams, run_dir = base / "config.yaml", base / "teams.yaml", base / "run"
-    write_proxy_config(config, backend_port)
+    write_proxy_config(config, backend_port, f"sqlite:///{base / 'keys.db'}" if db else None)
     teams.write_text(f"""\
 gateway:
   listen: 127.0.0.1:{port}
@@ -443,8 +461,8 @@ def stop_gateway(gateway: Gateway) -> list[int]:
 
 
 @contextmanager
-def running_gateway(key_lookup: str, backend_port: int, workdir: Path) -> Iterator[Gateway]:
-    gateway = start_gateway(key_lookup, backend_port, workdir)
+def running_gateway(key_lookup: str, backend_port: int, workdir: Path, db: bool = False) -> Iterator[Gateway]:
+    gateway = start_gateway(key_lookup, backend_port, workdir, db)
     try:
         yield gateway
     finally:
@@ -688,6 +706,17 @@ def gateway_goals(rows: list[Row], key_lookup: str) -> list[Goal]:
 
 # ---------------------------------------------------------------- output
 
+def db_goals(rows: list[Row]) -> list[Goal]:
+    """DB mode: CPU per request of the whole gateway with a virtual key against a static key (no goal: reported)."""
+    out = []
+    for conns in (1, 32):
+        static, virtual = find_row(rows, "db-static-key", conns, False), find_row(rows, "db-virtual-key", conns, False)
+        s_cpu, v_cpu = sum(static.cpu_us.values()), sum(virtual.cpu_us.values())
+        out.append(Goal(f"DB mode: gateway CPU per request, virtual key (cached) vs static key, {conns_label(conns)}",
+                        v_cpu / s_cpu, "x", None, note=f"{v_cpu:.0f} vs {s_cpu:.0f} µs (nginx + authsvc + proxycore + backend)"))
+    return out
+
+
 def table(header: list[str], body: list[list[str]], markdown: bool) -> str:
     numeric = [all(re.fullmatch(r"[-+]?[\d.,]+[a-zµ]*|-", row[i]) for row in body) for i in range(len(header))]
     if markdown:
@@ -804,7 +833,19 @@ def run(args: argparse.Namespace) -> str:
                                                 (*gateway.parts, "backend"), args.chunk_delay_ms)
                     servers = {"backend": backend, "llmgate up": gateway.up, **gateway.parts}
                     rows += measure_stage(scenarios, servers, args, workdir)
-    goals = proxycore_goals(rows, proxy) + gateway_goals(rows, "map") + gateway_goals(rows, "service")
+            # DB mode: a virtual key (its policy cached by nginx) beside a static team key, same gateway
+            with running_gateway("service", backend_port, workdir, db=True) as gateway:
+                started += [gateway.up, *gateway.parts.values()]
+                virtual = generate_virtual_key(gateway.port)
+                measured = (*gateway.parts, "backend")
+                scenarios = [s for s in build_scenarios("db-static-key", gateway.port, TEAM_KEY, measured,
+                                                        args.chunk_delay_ms)
+                             + build_scenarios("db-virtual-key", gateway.port, virtual, measured, args.chunk_delay_ms)
+                             if not s.stream]
+                servers = {"backend": backend, "llmgate up": gateway.up, **gateway.parts}
+                rows += measure_stage(scenarios, servers, args, workdir)
+    goals = (proxycore_goals(rows, proxy) + gateway_goals(rows, "map") + gateway_goals(rows, "service")
+             + db_goals(rows))
     return report(args, rows, goals, started)
 
 
