@@ -8,6 +8,7 @@ parse to exactly the intended model before it atomically replaces the file.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import dataclasses
 import os
 import re
@@ -18,6 +19,7 @@ import tempfile
 
 import yaml
 
+from controller.up import load_saved_secrets
 from controller.teams import KEY_LABEL, TeamKey, TeamsConfig, hash_key, load_teams
 from controller.yamlpath import ConfigError
 
@@ -29,6 +31,7 @@ class KeyCommandError(Exception):
 
 
 def run_key(args: argparse.Namespace) -> int:
+    load_saved_secrets(Path(getattr(args, "run_dir", "run")))  # os.environ/ keys that `llmgate up` generated
     try:
         if args.key_command == "new":
             plaintext, key = new_key(args.teams, args.team, args.name)

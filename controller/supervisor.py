@@ -120,9 +120,11 @@ class Supervisor:
         if child in self.children:
             self.children.remove(child)
 
-    def signal_all(self, sig: int) -> None:
+    def signal_all(self, sig: int, which=None) -> None:
+        """Send `sig` to every child, or to those whose name `which` accepts."""
         for child in self.children:
-            child.send(sig)
+            if which is None or which(child.spec.name):
+                child.send(sig)
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -225,7 +225,7 @@ def _assign_dedicated_ports(teams: list[Team], gateway: GatewaySettings, root: N
 
 def _parse_address(node: Node, default_host: str) -> Address:
     raw = str(node.scalar()).strip()
-    m = re.fullmatch(r"(?:\[([0-9a-fA-F:]+)\]|([0-9.]+|\*|localhost)):?([0-9]{1,5})|([0-9]{1,5})", raw)
+    m = re.fullmatch(r"(?:\[([0-9a-fA-F:]+)\]|([0-9.]+|\*|localhost)):([0-9]{1,5})|([0-9]{1,5})", raw)
     if not m:
         raise node.error("HOST:PORT, [IPV6]:PORT or PORT (e.g. 0.0.0.0:8080)", "")
     host = m.group(1) or m.group(2) or default_host
@@ -277,7 +277,7 @@ def _parse_gateway(node: Node | None, base_dir: Path) -> GatewaySettings:
         raise node.child("max_body").error("a size like 32m, 512k or 1g")
     internal_key = node.opt("internal_key", str)
     if internal_key is not None and not re.fullmatch(r"[A-Za-z0-9_.~+/=-]{16,256}", internal_key):
-        raise node.child("internal_key").error("16 or more URL-safe characters", "generate one: llmgate key new --internal",
+        raise node.child("internal_key").error("16 or more URL-safe characters", "generate one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
                                                show_value=False)
     workers = node.opt("workers", lambda v: _int_range(v, 1, 64), 1)
     nginx_workers = node.opt("nginx_workers", lambda v: v if v == "auto" else str(_int_range(v, 1, 64)), "auto")
@@ -354,7 +354,10 @@ def _parse_key(node: Node) -> TeamKey:
             return TeamKey(_sha256(node.child("sha256")), name)
         if node.get("env") is not None:
             env = node.child("env")
-            return TeamKey(hash_key(Node(env.file, env.path, "os.environ/" + str(env.value)).scalar()), name)
+            plaintext = Node(env.file, env.path, "os.environ/" + str(env.value)).scalar()
+            if not plaintext:
+                raise env.error("a non-empty key in the environment variable", show_value=False)
+            return TeamKey(hash_key(plaintext), name)
         raise node.error("`sha256: <hex>` or `env: VAR`", "add one of them")
     if isinstance(value, str) and value.startswith("os.environ/"):
         plaintext = node.scalar()

@@ -30,15 +30,26 @@ GENERATED_SECRETS = ("LLMGATE_MASTER_KEY", "LLMGATE_INTERNAL_KEY", "LLMGATE_DEMO
 WATCH_DEBOUNCE_MS = 150
 
 
-def ensure_secrets(run_dir: Path) -> None:
-    """Keys the gateway needs but the operator did not set: generated once, kept in run/secrets.env (0600)."""
-    path = run_dir / "secrets.env"
+def _read_secrets(path: Path) -> dict[str, str]:
     saved: dict[str, str] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             name, _, value = line.partition("=")
             if value:
                 saved[name.strip()] = value.strip()
+    return saved
+
+
+def load_saved_secrets(run_dir: Path) -> None:
+    """The keys `llmgate up` generated into run/secrets.env, for commands that read the same files."""
+    for name, value in _read_secrets(run_dir / "secrets.env").items():
+        os.environ.setdefault(name, value)
+
+
+def ensure_secrets(run_dir: Path) -> None:
+    """Keys the gateway needs but the operator did not set: generated once, kept in run/secrets.env (0600)."""
+    path = run_dir / "secrets.env"
+    saved = _read_secrets(path)
     missing = [n for n in GENERATED_SECRETS if n not in os.environ and n not in saved]
     for name in missing:
         saved[name] = "sk-" + secrets.token_urlsafe(32)
@@ -137,7 +148,27 @@ class Gateway:
             for key in [k for k in self.dedicated if k not in wanted]:
                 await self.sup.remove(self.dedicated.pop(key))
 
+    def _needs_restart(self) -> str | None:
+        """A change `llmgate up` cannot apply to running processes, named; None when there is none."""
+        try:
+            new = load_gateway_config(self.args.config, self.args.teams)
+        except ConfigError:
+            return None  # the reload itself reports the file's problem
+        old_gw, new_gw = self.cfg.teams.gateway, new.teams.gateway
+        fields = ("proxy_listen", "auth_listen", "workers", "key_lookup", "log_dir")
+        changed = [f"gateway.{f}" for f in fields if getattr(old_gw, f) != getattr(new_gw, f)]
+        if (self.cfg.proxy.database_url is None) != (new.proxy.database_url is None):
+            changed.append("general_settings.database_url")
+        return ", ".join(changed) or None
+
     async def reload(self, reason: str) -> ReloadResult:
+        restart = self._needs_restart()
+        if restart is not None:
+            result = ReloadResult("failed", f"kept the previous config: {restart} changed, which takes a restart of "
+                                  "llmgate up (the running processes cannot move); restart it to apply")
+            record_reload(result)
+            print(f"llmgate: reload ({reason}): {result.status}: {result.message}", flush=True)
+            return result
         async with self._reload_lock:
             try:  # new dedicated instances must serve before nginx sends them traffic
                 await self.sync_dedicated(load_gateway_config(self.args.config, self.args.teams), stop_extra=False)
@@ -255,7 +286,9 @@ async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.sup.signal_all(signal.SIGUSR1))  # reopen logs
+    # logrotate: proxycore and nginx reopen their logs; nothing else writes one
+    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.sup.signal_all(
+        signal.SIGUSR1, lambda name: name == "nginx" or name.startswith("proxycore")))
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload("SIGHUP")))
     watcher = asyncio.ensure_future(gateway.watch())  # before anything starts: no edit goes unseen
     try:

@@ -96,3 +96,9 @@ def test_sdk_gets_authentication_error(gw):
 def test_key_scheme_is_case_insensitive_but_key_is_not(gw):
     r = http("POST", gw.base + "/v1/chat/completions", CHAT, {"Authorization": f"bearer {KEY_A}"})
     assert r.status == 200
+
+
+def test_deployment_health_is_not_public(gw):
+    r = http("GET", gw.base + "/health", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status == 404 and "api_base" not in r.text
+    assert http("GET", gw.base + "/health/liveliness", headers={"Authorization": f"Bearer {KEY_A}"}).status == 200

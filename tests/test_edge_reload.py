@@ -163,3 +163,14 @@ def test_llmgate_reload_and_check_commands(spawn, tmp_path):
     check = subprocess.run([*LLMGATE, "check", "--config", str(gw.config), "--teams", str(bad),
                             "--run-dir", str(gw.run_dir)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert check.returncode == 2 and f"{bad}: teams.x.rpm: expected a whole number" in check.stderr
+
+
+def test_a_change_that_needs_a_restart_is_refused_and_says_so(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, BASE_TEAMS)
+    before = gw.checksum()
+    text = gw.teams.read_text().replace(f"proxy_listen: 127.0.0.1:{gw.proxy_port}", "proxy_listen: 127.0.0.1:1")
+    gw.write_teams(text)
+    assert wait_until(lambda: any("failed" in line for line in gw.reloads()), timeout=5)
+    line = next(line for line in gw.reloads() if "failed" in line)
+    assert "gateway.proxy_listen changed" in line and "restart" in line
+    assert gw.checksum() == before and chat_status(gw, KEY) == 200

@@ -133,3 +133,12 @@ def test_team_model_must_exist_in_config(tmp_path):
 
     with pytest.raises(ConfigError, match=r"teams\.a\.models\[0\].*llama-3.1-8b-instruct"):
         load_gateway_config(tmp_path / "config.yaml", tmp_path / "teams.yaml")
+
+
+@pytest.mark.parametrize("listen, host, port", [("8080", "0.0.0.0", 8080), ("127.0.0.1:9000", "127.0.0.1", 9000),
+                                               ("[::1]:9001", "::1", 9001), (8081, "0.0.0.0", 8081)])
+def test_listen_addresses(tmp_path, listen, host, port):
+    (tmp_path / "teams.yaml").write_text(f"gateway:\n  listen: {listen!r}\n" if isinstance(listen, str)
+                                         else f"gateway:\n  listen: {listen}\n")
+    gw = load_teams(tmp_path / "teams.yaml").gateway
+    assert (gw.listen.host, gw.listen.port) == (host, port)

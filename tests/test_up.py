@@ -70,3 +70,18 @@ def test_sigterm_stops_the_whole_tree(spawn, tmp_path):
     for pid in [*kids, *grandkids]:
         assert wait_until(lambda: not alive(pid), timeout=5), f"{pid} outlived llmgate up"
     assert "llmgate: stopping" in gw.svc.output
+
+
+def test_sigusr1_reopens_logs_without_restarting_anything(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, TEAMS, lookup="service")
+    before = children(gw.svc.pid)
+    (gw.log_dir / "access.jsonl").rename(gw.log_dir / "access.jsonl.1")
+    (gw.log_dir / "usage.jsonl").exists() and (gw.log_dir / "usage.jsonl").rename(gw.log_dir / "usage.jsonl.1")
+    gw.svc.signal(signal.SIGUSR1)
+    key = (gw.run_dir / "secrets.env").read_text().split("LLMGATE_DEMO_KEY=")[1].split()[0]
+    body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert wait_until(lambda: (gw.log_dir / "access.jsonl").exists(), timeout=5)
+    assert http("POST", gw.base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}).status == 200
+    assert wait_until(lambda: (gw.log_dir / "usage.jsonl").exists(), timeout=5)
+    assert "exited" not in gw.svc.output
+    assert set(children(gw.svc.pid)) == set(before)
