@@ -50,6 +50,14 @@ class Child:
             if pattern is not None and pattern.search(line):
                 self.ready.set()
 
+    def kill_group(self) -> None:
+        """SIGKILL to the child's process group (it leads one: start_new_session), once the child is gone."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def send(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             try:
@@ -93,6 +101,7 @@ class Supervisor:
             assert child.proc is not None
             started = loop.time()
             code = await child.proc.wait()
+            child.kill_group()  # what it left behind (a crashed nginx master leaves its workers serving)
             if self._stopping.is_set() or not child.spec.restart:
                 return
             if loop.time() - started > STABLE_AFTER_S:
@@ -140,5 +149,6 @@ class Supervisor:
             except asyncio.TimeoutError:
                 child.send(signal.SIGKILL)
                 await child.proc.wait()
+            child.kill_group()
         for w in self._watchers:
             w.cancel()

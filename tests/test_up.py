@@ -47,7 +47,10 @@ def test_crashed_children_are_restarted(spawn, tmp_path):
     body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
 
     def ok() -> bool:
-        return http("POST", gw.base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}).status == 200
+        try:
+            return http("POST", gw.base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}).status == 200
+        except OSError:  # refused while nginx is being restarted
+            return False
 
     kids = children(gw.svc.pid)
     proxy = next(pid for pid, args in kids.items() if " proxy " in args)
@@ -55,9 +58,13 @@ def test_crashed_children_are_restarted(spawn, tmp_path):
     os.kill(proxy, signal.SIGKILL)
     assert wait_until(lambda: "proxycore exited" in gw.svc.output, timeout=5)
     assert wait_until(ok, timeout=10)
+    workers = list(children(nginx))
+    assert workers
     os.kill(nginx, signal.SIGKILL)
     assert wait_until(lambda: "nginx exited" in gw.svc.output, timeout=5)
     assert wait_until(ok, timeout=10)
+    for pid in workers:  # the crashed master's workers do not go on serving the old config
+        assert wait_until(lambda: not alive(pid), timeout=5), f"nginx worker {pid} outlived its master"
     assert re.search(r"restarting in \d", gw.svc.output)
 
 
