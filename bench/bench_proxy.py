@@ -406,7 +406,7 @@ teams:
     argv = [sys.executable, "-m", "controller.cli", "up", "--config", str(config), "--teams", str(teams),
             "--run-dir", str(run_dir), "--demo", "never"]
     started = time.perf_counter()
-    up = spawn(f"gateway {key_lookup}: llmgate up", argv, workdir, tree=False)
+    up = spawn(f"gateway {key_lookup}{' db' if db else ''}: llmgate up", argv, workdir, tree=False)
     gateway = Gateway(port, up, {}, run_dir)
     try:
         wait_ready(up, started, lambda: "\nllmgate is up" in "\n" + up.log_path.read_text(errors="replace"))

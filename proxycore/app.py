@@ -591,7 +591,10 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
                     pending = data  # hold an incomplete event so the usage chunk can be recognised whole
                     continue
                 end += 2
-                events, pending = data[:end], data[end:]
+                if end == len(data):  # the usual case: whole events only, nothing to copy
+                    events, pending = data, b""
+                else:
+                    events, pending = data[:end], data[end:]
                 if b'"usage":{' in events:
                     events = _take_stream_usage(events, ex, strip_usage)
                 if b"data: [DONE]" in events:
