@@ -27,6 +27,7 @@ test-deps: system-deps
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq chromium chromium-driver; }
 	@command -v promtool >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends prometheus; }
 	@bash tests/services/ensure-postgres.sh
+	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk; }
 
 up: venv system-deps
 	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml

@@ -1,6 +1,6 @@
 """Every command the docs show works: each sh/bash/console block is run here, or names what runs it.
 
-The docs are README.md and docs/*.md (not docs/performance.md, whose numbers come from `make bench`).
+The docs are README.md and docs/*.md (performance.md's commands are run by tests/test_bench.py).
 The line right before each sh, bash or console code block is one of these markers:
 
     <!-- doctest: run -->               run for real, by `bash -e -o pipefail`, in a temporary copy of the
@@ -36,7 +36,7 @@ import pytest
 
 from conftest import ROOT
 
-DOCS = sorted([ROOT / "README.md", *(p for p in (ROOT / "docs").glob("*.md") if p.name != "performance.md")])
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 SHELLS = {"sh", "bash", "console"}
 NEEDS = {"Docker", "GPU", "a running gateway"}
 SYNOPSIS_TEST = "tests/test_docs.py::test_command_synopses_match_the_cli"
