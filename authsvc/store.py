@@ -136,8 +136,24 @@ def _iso_out(t: datetime | None) -> str | None:
 
 # ---------------------------------------------------------------- records
 
+class _Budgeted:
+    """What keys and teams share: spend in the budget period, and a model list (empty: every model)."""
+
+    __slots__ = ()
+
+    def spend_at(self, now: datetime) -> float:
+        """Spend in the current budget period (0 once its reset time passed, before the store resets it)."""
+        return 0.0 if self.budget_reset_at is not None and now >= self.budget_reset_at else self.spend
+
+    def is_usable(self, now: datetime) -> bool:
+        return self.unusable_reason(now) is None
+
+    def allows_model(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
 @dataclass(frozen=True, slots=True)
-class KeyRecord:
+class KeyRecord(_Budgeted):
     """One virtual key as stored; never holds the raw key."""
 
     token_hash: str
@@ -163,10 +179,6 @@ class KeyRecord:
         """The short id in X-Key-Id, logs and metrics: the first 12 hex digits of the hash."""
         return self.token_hash[:12]
 
-    def spend_at(self, now: datetime) -> float:
-        """Spend in the current budget period (0 once its reset time passed, before the store resets it)."""
-        return 0.0 if self.budget_reset_at is not None and now >= self.budget_reset_at else self.spend
-
     def unusable_reason(self, now: datetime) -> str | None:
         """None when the key may be used now, else "blocked", "expired" or "budget_exceeded"."""
         if self.blocked:
@@ -176,12 +188,6 @@ class KeyRecord:
         if self.max_budget is not None and self.spend_at(now) >= self.max_budget:
             return "budget_exceeded"
         return None
-
-    def is_usable(self, now: datetime) -> bool:
-        return self.unusable_reason(now) is None
-
-    def allows_model(self, model: str) -> bool:
-        return not self.models or model in self.models
 
     def to_info(self) -> dict[str, Any]:
         """LiteLLM's /key/info `info` object; `token` is the hash, as in LiteLLM."""
@@ -207,7 +213,7 @@ class KeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class TeamRecord:
+class TeamRecord(_Budgeted):
     team_id: str
     team_alias: str | None
     models: tuple[str, ...]
@@ -222,21 +228,12 @@ class TeamRecord:
     created_at: datetime
     updated_at: datetime
 
-    def spend_at(self, now: datetime) -> float:
-        return 0.0 if self.budget_reset_at is not None and now >= self.budget_reset_at else self.spend
-
     def unusable_reason(self, now: datetime) -> str | None:
         if self.blocked:
             return "blocked"
         if self.max_budget is not None and self.spend_at(now) >= self.max_budget:
             return "budget_exceeded"
         return None
-
-    def is_usable(self, now: datetime) -> bool:
-        return self.unusable_reason(now) is None
-
-    def allows_model(self, model: str) -> bool:
-        return not self.models or model in self.models
 
     def to_info(self) -> dict[str, Any]:
         """LiteLLM's team object (/team/new, /team/list)."""
