@@ -40,6 +40,7 @@ _BACKOFF_CAP_S = 2.0
 _ERROR_BODY_LIMIT = 64 * 1024
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
+_CLIENT_HIGH_WATER = 256 * 1024  # bytes waiting for a slow client before the backend's stream is paused
 _REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
 
@@ -578,33 +579,13 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
             return _passthrough_error(resp.status, raw, ex)
         out = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-ID": ex.request_id})
         await out.prepare(request)
+        request.writer.send_headers()  # the events below go straight to the transport
         ex.status = 200
-        pending = b""
-        saw_done = False
+        relay = _SseRelay(request.transport, ex, strip_usage)
         try:
-            async for chunk in resp:
-                if ex.ttft_s is None:
-                    ex.ttft_s = time.monotonic() - ex.started
-                data = pending + chunk if pending else chunk
-                end = data.rfind(b"\n\n")
-                if end < 0:
-                    pending = data  # hold an incomplete event so the usage chunk can be recognised whole
-                    continue
-                end += 2
-                if end == len(data):  # the usual case: whole events only, nothing to copy
-                    events, pending = data, b""
-                else:
-                    events, pending = data[:end], data[end:]
-                if b'"usage":{' in events:
-                    events = _take_stream_usage(events, ex, strip_usage)
-                if b"data: [DONE]" in events:
-                    saw_done = True
-                if events:
-                    await out.write(events)
-            if pending:
-                await out.write(pending)
-                saw_done = saw_done or b"data: [DONE]" in pending
-            if not saw_done:
+            await resp.pipe(relay.feed, request.writer.drain)
+            relay.finish()
+            if not relay.saw_done:
                 raise UpstreamProtocolError("the stream ended without data: [DONE]")
         except UpstreamError as exc:
             # Bytes already reached the client: no retry, and never a fake [DONE].
@@ -617,6 +598,56 @@ async def _relay_stream(request: web.Request, gw: Gateway, body: dict, group: Mo
         return out
     finally:
         resp.close()  # on a client disconnect this drops the upstream connection, so vLLM aborts the request
+
+
+class _SseRelay:
+    """Server-sent events from the backend to the client, event by event, as the backend's bytes arrive.
+
+    Runs inside the upstream connection's protocol (no task switch per chunk) and writes HTTP/1.1 chunks
+    straight to the client's transport. Holds an incomplete event back so that the usage-only chunk can be
+    recognised whole; everything else passes byte for byte.
+    """
+
+    __slots__ = ("transport", "ex", "strip_usage", "pending", "saw_done")
+
+    def __init__(self, transport, ex: Exchange, strip_usage: bool):
+        self.transport, self.ex, self.strip_usage = transport, ex, strip_usage
+        self.pending = b""
+        self.saw_done = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """One piece from the backend; True when the client's side is full (the backend waits then)."""
+        ex = self.ex
+        if ex.ttft_s is None:
+            ex.ttft_s = time.monotonic() - ex.started
+        data = self.pending + chunk if self.pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return False
+        end += 2
+        if end == len(data):  # the usual case: whole events only, nothing to copy
+            events, self.pending = data, b""
+        else:
+            events, self.pending = data[:end], data[end:]
+        if b'"usage":{' in events:
+            events = _take_stream_usage(events, ex, self.strip_usage)
+        if b"data: [DONE]" in events:
+            self.saw_done = True
+        return self._send(events)
+
+    def finish(self) -> None:
+        if self.pending:
+            self.saw_done = self.saw_done or b"data: [DONE]" in self.pending
+            self._send(self.pending)
+            self.pending = b""
+
+    def _send(self, events: bytes) -> bool:
+        transport = self.transport
+        if not events or transport is None or transport.is_closing():
+            return False  # a client that left: the handler is being cancelled, which closes the upstream
+        transport.write(b"%x\r\n%b\r\n" % (len(events), events))
+        return transport.get_write_buffer_size() > _CLIENT_HIGH_WATER
 
 
 def _take_stream_usage(events: bytes, ex: Exchange, strip_usage: bool) -> bytes:

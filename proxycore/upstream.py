@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httptools
 from yarl import URL
@@ -65,7 +65,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("loop", "pool", "transport", "parser", "closed", "idle_since", "timer", "timer_at", "waiter",
                  "status", "headers", "head_done", "until_close", "keep_alive", "complete", "error", "got_bytes",
-                 "body", "buffered", "paused", "first_byte_timeout", "head_due", "read_timeout", "last_read")
+                 "body", "buffered", "paused", "first_byte_timeout", "head_due", "read_timeout", "last_read", "sink")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
         self.loop, self.pool = loop, pool
@@ -78,6 +78,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.body: list[bytes] = []
         self.paused = False
+        self.sink: Callable[[bytes], bool] | None = None  # push mode: body pieces go straight here
         self._reset()
 
     def _reset(self) -> None:
@@ -240,6 +241,13 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:  # push mode: no buffering, no task switch per piece
+            if sink(body) and not self.paused:  # the receiver is full: stop reading until it drains
+                self.paused = True
+                self.transport.pause_reading()
+                self._wake()
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused:
@@ -290,6 +298,36 @@ class UpstreamResponse:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
+
+    async def pipe(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]) -> None:
+        """Push the rest of the body into `sink` as it arrives, from the protocol itself (no task switch per
+        piece). `sink` returns True when its receiver is full; then reading pauses until `drain()` returns.
+        Ends at the end of the body; raises like iteration does (UpstreamProtocolError when cut short)."""
+        conn = self._conn
+        if conn is None:
+            raise UpstreamError("the response was closed")
+        if conn.body:
+            sink(conn.take())
+        conn.sink = sink
+        try:
+            while not conn.complete:
+                if conn.error is not None:
+                    self.close()
+                    raise conn.error
+                if conn.paused:
+                    await drain()
+                    conn.paused = False
+                    conn.last_read = conn.loop.time()
+                    conn.transport.resume_reading()
+                    continue
+                await conn.wait()
+        except BaseException:
+            conn.sink = None
+            self.close()
+            raise
+        conn.sink = None
+        self._ended = True
+        self.release()
 
     async def __anext__(self) -> bytes:
         """Everything that arrived since the last call, de-chunked."""
