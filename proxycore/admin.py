@@ -588,13 +588,22 @@ _TEAM_FORM = {"team_id": "text", "team_alias": "text", "models": "list", "max_bu
               "budget_duration": "text", "rpm_limit": "int", "tpm_limit": "int"}
 
 
-async def ui_create_key(request: web.Request) -> web.Response:
+async def _ui_post(request: web.Request):
+    """(form, store) of a page's POST with a valid session and CSRF token, or the page that refuses it."""
     form, refused = await _ui_form(request)
     if refused is not None:
         return refused
     store = _ui_store(request)
     if store is None:
         return _db_off(request)
+    return form, store
+
+
+async def ui_create_key(request: web.Request) -> web.Response:
+    got = await _ui_post(request)
+    if isinstance(got, web.Response):
+        return got
+    form, store = got
     try:
         fields = _parse_fields(_form_fields(form, _KEY_FORM), _KEY_FIELDS, "the key form")
         raw, record = await _generate(store, fields)
@@ -606,12 +615,10 @@ async def ui_create_key(request: web.Request) -> web.Response:
 
 
 async def ui_key_action(request: web.Request) -> web.Response:
-    form, refused = await _ui_form(request)
-    if refused is not None:
-        return refused
-    store = _ui_store(request)
-    if store is None:
-        return _db_off(request)
+    got = await _ui_post(request)
+    if isinstance(got, web.Response):
+        return got
+    form, store = got
     token_hash = str(form.get("token_hash", ""))
     if not _TOKEN_HASH.fullmatch(token_hash):
         return await _dashboard(request, _session(request), error="No key was chosen.", status=400)
@@ -628,12 +635,10 @@ async def ui_key_action(request: web.Request) -> web.Response:
 
 
 async def ui_create_team(request: web.Request) -> web.Response:
-    form, refused = await _ui_form(request)
-    if refused is not None:
-        return refused
-    store = _ui_store(request)
-    if store is None:
-        return _db_off(request)
+    got = await _ui_post(request)
+    if isinstance(got, web.Response):
+        return got
+    form, store = got
     try:
         await _new_team(store, _parse_fields(_form_fields(form, _TEAM_FORM), _TEAM_FIELDS, "the team form"))
     except ApiError as exc:
