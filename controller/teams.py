@@ -172,10 +172,7 @@ def load_gateway_config(config_path: str | os.PathLike[str], teams_path: str | o
 
 
 def parse_teams(root: Node, base_dir: Path) -> TeamsConfig:
-    root.expect_mapping()
-    unknown = root.unknown_keys({"gateway", "teams"})
-    if unknown:
-        raise ConfigError(root.file, unknown[0], "only `gateway:` and `teams:` at the top", "remove or move it")
+    root.only_keys({"gateway", "teams"}, "only `gateway:` and `teams:` at the top", fix="remove or move it")
     gateway = _parse_gateway(root.get("gateway"), base_dir)
     teams: list[Team] = []
     seen_keys: dict[str, str] = {}
@@ -262,10 +259,7 @@ def _domain(node: Node) -> str:
 def _parse_gateway(node: Node | None, base_dir: Path) -> GatewaySettings:
     if node is None:
         return GatewaySettings(log_dir=str((base_dir / "logs").resolve()))
-    node.expect_mapping()
-    unknown = node.unknown_keys(_GATEWAY_KEYS)
-    if unknown:
-        raise ConfigError(node.file, unknown[0], f"one of: {', '.join(sorted(_GATEWAY_KEYS))}", "remove or rename it")
+    node.only_keys(_GATEWAY_KEYS)
     defaults = GatewaySettings()
     listen = _parse_address(node.child("listen"), "0.0.0.0") if node.get("listen") else defaults.listen
     key_lookup = node.opt("key_lookup", str, "map")
@@ -286,10 +280,7 @@ def _parse_gateway(node: Node | None, base_dir: Path) -> GatewaySettings:
     certs: list[TlsCertificate] = []
     tls = node.get("tls")
     if tls is not None:
-        tls.expect_mapping()
-        extra = tls.unknown_keys({"listen", "certificates"})
-        if extra:
-            raise ConfigError(tls.file, extra[0], "listen or certificates", "remove it")
+        tls.only_keys({"listen", "certificates"}, "listen or certificates", fix="remove it")
         tls_listen = _parse_address(tls.child("listen"), "0.0.0.0") if tls.get("listen") else Address("0.0.0.0", 8443)
         for item in tls.child("certificates").sequence_items() if tls.get("certificates") else ():
             item.expect_mapping()
@@ -343,10 +334,7 @@ def _parse_key(node: Node) -> TeamKey:
     value = node.value
     name = None
     if isinstance(value, dict):
-        node.expect_mapping()
-        extra = node.unknown_keys({"sha256", "name", "env"})
-        if extra:
-            raise ConfigError(node.file, extra[0], "sha256, env or name", "remove it")
+        node.only_keys({"sha256", "name", "env"}, "sha256, env or name", fix="remove it")
         name = node.opt("name", str)
         if name is not None and not KEY_LABEL.fullmatch(name):
             raise node.child("name").error("a label of letters, digits, _ . - (up to 64)")
@@ -386,10 +374,7 @@ def _parse_team(name: str, node: Node) -> Team:
                           f"hyphens (kebab-case, up to {MAX_TEAM_NAME})", "rename the team, e.g. team-a")
     if node.value is None:
         return Team(name)
-    node.expect_mapping()
-    unknown = node.unknown_keys(_TEAM_KEYS)
-    if unknown:
-        raise ConfigError(node.file, unknown[0], f"one of: {', '.join(sorted(_TEAM_KEYS))}", "remove or rename it")
+    node.only_keys(_TEAM_KEYS)
     keys = tuple(_parse_key(k) for k in node.child("keys").sequence_items()) if node.get("keys") else ()
     rpm = node.opt("rpm", lambda v: _int_range(v, 1, 10**7))
     burst = node.opt("burst", lambda v: _int_range(v, 0, 10**7))
@@ -402,10 +387,7 @@ def _parse_team(name: str, node: Node) -> Team:
     budget = None
     b = node.get("budget")
     if b is not None:
-        b.expect_mapping()
-        extra = b.unknown_keys({"tokens_per_month", "usd_per_month"})
-        if extra:
-            raise ConfigError(b.file, extra[0], "tokens_per_month or usd_per_month", "remove it")
+        b.only_keys({"tokens_per_month", "usd_per_month"}, "tokens_per_month or usd_per_month", fix="remove it")
         budget = Budget(b.opt("tokens_per_month", lambda v: _int_range(v, 1, 10**15)),
                         b.opt("usd_per_month", _positive_float))
     dedicated_listen = None
@@ -413,10 +395,7 @@ def _parse_team(name: str, node: Node) -> Team:
     ded = node.get("dedicated")
     if ded is not None:
         if isinstance(ded.value, dict):
-            ded.expect_mapping()
-            extra = ded.unknown_keys({"listen"})
-            if extra:
-                raise ConfigError(ded.file, extra[0], "listen", "remove it")
+            ded.only_keys({"listen"}, "listen", fix="remove it")
             dedicated, dedicated_listen = True, _parse_address(ded.child("listen"), "127.0.0.1")
         else:
             dedicated = ded.scalar_of(_bool)

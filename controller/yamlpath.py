@@ -63,6 +63,12 @@ class Node:
             return None
         return Node(self.file, self._join(key), self.value[key])
 
+    def only_keys(self, allowed: set[str], expected: str | None = None, fix: str = "remove or rename it") -> None:
+        """A mapping with no key outside `allowed`; the first stray key is the error's path."""
+        unknown = self.unknown_keys(allowed)
+        if unknown:
+            raise ConfigError(self.file, unknown[0], expected or f"one of: {', '.join(sorted(allowed))}", fix)
+
     def unknown_keys(self, allowed: set[str]) -> list[str]:
         self.expect_mapping()
         return [self._join(str(k)) for k in self.value if k not in allowed]
