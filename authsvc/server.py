@@ -1,39 +1,48 @@
-"""authsvc: nginx's `auth_request` endpoint for team keys.
+"""authsvc: where a key is checked. nginx's `auth_request` endpoint, and in DB mode the key database
+behind it: virtual keys, the admin API, /ui, and the spend that proxycore's usage log reports.
 
 nginx sends the client's `Authorization: Bearer <key>`; authsvc answers 204 with `X-Team` and
-`X-Key-Id` when the key's sha256 is in teams.yaml, else 401. The key index is replaced whole when
-teams.yaml changes (watched) or on SIGHUP, so adding or revoking a key needs no nginx reload.
-A teams.yaml that does not load leaves the previous index serving.
+`X-Key-Id` when the key's sha256 is in teams.yaml (or, in DB mode, is a usable virtual key, with its
+limits in `X-Key-Policy`), else 401. The keys of teams.yaml are replaced whole when the file changes
+(watched) or on SIGHUP, so adding or revoking a key needs no nginx reload; a file that does not load
+leaves the previous keys serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import hmac
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 from aiohttp import web
 
-from controller.teams import Address, TeamsConfig, load_teams
-from controller.yamlpath import ConfigError
+from authsvc.admin import register_admin_routes
+from authsvc.keydb.records import KeyRecord, StoreError, StoreUnavailable, TeamRecord, utcnow
+from authsvc.keydb.store import Store
+from authsvc.spend import SpendWriter, follow_usage_log
+from authsvc.ui import register_ui_routes
+from controller.model.config import ProxyConfig, load_proxy_config
+from controller.model.teams import Address, Listen, TeamsConfig, UnixSocket, load_teams
+from controller.model.wire import KEY_ID_HEADER, KEY_POLICY_HEADER, TEAM_HEADER, KeyPolicy, bearer_token, key_hash
+from controller.model.yamlpath import ConfigError
+from controller.ops.filewatch import FileWatch
+from controller.ops.serving import ListenError, start_site, wait_for_stop
 
-# Same rules as nginx/llmgate.js (`Bearer ` prefix, any case; token trimmed; header up to 600
-# characters): nginx caches answers under the hash njs computes, so both must see the same key.
-_SCHEME = "bearer "
-_MAX_HEADER = 600
-_WATCH_DEBOUNCE_MS = 500  # longest wait while a file keeps changing
-_WATCH_STEP_MS = 50  # quiet time that ends a burst of changes (an editor's write + rename)
-_K8S_SWAP = "..data"  # a ConfigMap volume swaps this symlink, not the file's own name
+DEFAULT_LISTEN = Address("127.0.0.1", 4002)  # `llmgate auth` alone, when teams.yaml sets no auth_listen
+FRESH_S = 1.0  # a DB answer is reused this long (nginx caches valid keys for 3 s more in DB mode)
+STALE_OK_S = 600.0  # while the DB is unreachable, a key seen within this long keeps its last answer
+_TEAM_ID_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a DB team id goes into X-Team only if nginx can print it
 
+
+# ---------------------------------------------------------------- teams.yaml's keys
 
 @dataclass(frozen=True, slots=True)
 class KnownKey:
@@ -47,103 +56,107 @@ class KeyIndex:
 
     keys: dict[str, KnownKey]
     teams: int
-    auth_listen: Address
+    auth_listen: Listen | None
+    usage_log: str
 
     @classmethod
     def from_teams(cls, config: TeamsConfig) -> "KeyIndex":
-        keys = {sha: KnownKey(sha, {"X-Team": team.name, "X-Key-Id": key.key_id})
+        keys = {sha: KnownKey(sha, {TEAM_HEADER: team.name, KEY_ID_HEADER: key.key_id})
                 for sha, (team, key) in config.key_index().items()}
-        return cls(keys, len(config.teams), config.gateway.auth_listen)
+        return cls(keys, len(config.teams), config.gateway.auth_listen,
+                   os.path.join(config.gateway.log_dir, "usage.jsonl"))
 
 
-class KeyStore:
-    """The live KeyIndex of one teams.yaml, replaced whole and only by a file that loads."""
+class KeyFiles:
+    """The keys of teams.yaml and the master key of config.yaml, each replaced only by a file that loads."""
 
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        self._last_bytes = _file_digest(self.path)
+    def __init__(self, teams_path: str, config_path: str | None = None):
+        self.path = os.path.abspath(teams_path)
+        self.config_path = os.path.abspath(config_path) if config_path else None
         self.index = KeyIndex.from_teams(load_teams(self.path))  # a ConfigError here stops the start
-        self._lock = asyncio.Lock()
-        self._pending: set[asyncio.Task] = set()
+        self.config: ProxyConfig | None = load_proxy_config(self.config_path) if self.config_path else None
 
-    async def reload(self, force: bool = False) -> None:
-        """Load teams.yaml off the event loop; unless forced, only when its bytes changed."""
-        async with self._lock:  # one at a time, so an older file never lands after a newer one
-            digest = await asyncio.to_thread(_file_digest, self.path)
-            if not force and digest == self._last_bytes:
-                return
-            self._last_bytes = digest
-            try:
-                index = KeyIndex.from_teams(await asyncio.to_thread(load_teams, self.path))
-            except ConfigError as exc:
-                print(f"llmgate: authsvc kept the previous teams.yaml: {exc}", file=sys.stderr, flush=True)
-                return
+    @property
+    def master_key(self) -> str | None:
+        return self.config.master_key if self.config is not None else None
+
+    async def reload(self, reason: str) -> None:
+        """Load both files off the event loop; keep what was serving for a file that does not load."""
+        try:
+            index = KeyIndex.from_teams(await asyncio.to_thread(load_teams, self.path))
+        except ConfigError as exc:
+            print(f"llmgate: authsvc kept the previous teams.yaml: {exc}", file=sys.stderr, flush=True)
+        else:
             self.index = index
             print(f"authsvc reloaded {self.path}: {index.teams} teams, {len(index.keys)} keys", flush=True)
+        if self.config_path is not None:
+            try:
+                self.config = await asyncio.to_thread(load_proxy_config, self.config_path)
+            except ConfigError as exc:
+                print(f"llmgate: authsvc kept the previous config.yaml: {exc}", file=sys.stderr, flush=True)
 
-    def reload_soon(self, force: bool = False) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(force))
-        self._pending.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(self._pending.discard)
 
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Reload when the file changes; watches its directory, since editors replace files by rename."""
-        from watchfiles import awatch
+# ---------------------------------------------------------------- DB mode: the key database
 
-        directory, name = os.path.split(self.path)
+class KeyDatabase:
+    """The key database of DB mode, opened in the background: until it answers, static keys serve and
+    virtual keys get 503. Once open, the usage log's spend flows into it."""
+
+    def __init__(self, url: str, usage_log: str):
+        self.url, self.usage_log = url, usage_log
+        self.store: Store | None = None
+        self._seen: dict[str, tuple[float, tuple[KeyRecord, TeamRecord | None] | None]] = {}
+
+    async def open(self) -> bool:
+        """One attempt to connect (and migrate); False, said on stderr, when the database does not answer."""
         try:
-            async for _ in awatch(directory, watch_filter=lambda _c, p: os.path.basename(p) in (name, _K8S_SWAP),
-                                  stop_event=stop, recursive=False, debounce=_WATCH_DEBOUNCE_MS, step=_WATCH_STEP_MS):
-                await self.reload()
-        except OSError as exc:
-            print(f"llmgate: authsvc stopped watching {directory} ({exc}); send SIGHUP to reload teams.yaml",
-                  file=sys.stderr, flush=True)
+            self.store = await asyncio.to_thread(Store.open, self.url)
+        except StoreUnavailable as exc:
+            print(f"llmgate: authsvc: key database unavailable ({exc}); retrying in 2 s", file=sys.stderr, flush=True)
+            return False
+        return True
 
+    async def run(self) -> None:
+        """Connect (retrying every 2 s), then feed spend from the usage log until cancelled."""
+        while self.store is None and not await self.open():
+            await asyncio.sleep(2)
+        assert self.store is not None
+        writer = SpendWriter(self.store, interval=0.5)
+        flushing = asyncio.ensure_future(writer.run())
+        try:
+            await follow_usage_log(self.store, self.usage_log, writer)
+        finally:
+            flushing.cancel()
+            try:
+                await flushing  # flushes what is pending
+            except asyncio.CancelledError:
+                pass
 
-def _file_digest(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).digest()
-    except OSError:
-        return None
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
-
-KEYS = web.AppKey("keys", KeyStore)
-VIRTUAL = web.AppKey("virtual", "VirtualKeys")
-FRESH_S = 1.0  # a DB answer is reused this long (nginx caches valid keys for 3 s more in DB mode)
-STALE_OK_S = 600.0  # while the DB is unreachable, a key seen within this long keeps its last answer
-_TEAM_ID_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a DB team id goes into X-Team only if nginx can print it
-
-
-class VirtualKeys:
-    """DB mode: keys issued through the admin API, looked up by hash, answers kept briefly."""
-
-    def __init__(self, store):
-        self.store = store
-        self._seen: dict[str, tuple[float, object]] = {}  # hash -> (when fetched, KeyRecord or None)
-
-    def _fetch(self, digest: str):
-        """(key record, its team's record) — None for a key that does not exist."""
-        record = self.store.key_by_hash(digest)
+    def _fetch(self, store: Store, digest: str) -> tuple[KeyRecord, TeamRecord | None] | None:
+        record = store.key_by_hash(digest)
         if record is None:
             return None
-        team = self.store.team_by_id(record.team_id) if record.team_id else None
+        team = store.team_by_id(record.team_id) if record.team_id else None
         return record, team
 
-    async def lookup(self, digest: str):
-        """(key, team) records or None; raises StoreUnavailable when the DB is down and the key was not seen lately."""
-        from authsvc.store import StoreError
-
+    async def lookup(self, digest: str) -> tuple[KeyRecord, TeamRecord | None] | None:
+        """(key, team) records or None; raises StoreError when the DB is down and the key was not seen lately."""
         now = time.monotonic()
         seen = self._seen.get(digest)
         if seen is not None and now - seen[0] < FRESH_S:
             return seen[1]
         try:
+            if self.store is None:
+                raise StoreUnavailable("the key database has not answered yet")
             try:
-                record = await asyncio.to_thread(self._fetch, digest)
+                record = await asyncio.to_thread(self._fetch, self.store, digest)
             except StoreError:
                 # a connection the server closed (say, it restarted) fails once; the store reconnects on the next call
-                record = await asyncio.to_thread(self._fetch, digest)
+                record = await asyncio.to_thread(self._fetch, self.store, digest)
         except StoreError:
             if seen is not None and now - seen[0] < STALE_OK_S:
                 return seen[1]
@@ -154,11 +167,7 @@ class VirtualKeys:
         return record
 
 
-def _virtual_key_answer(record, team) -> web.Response:
-    from authsvc.store import utcnow
-    from proxycore.quota import KeyPolicy
-
-    now = utcnow()
+def _virtual_key_answer(record: KeyRecord, team: TeamRecord | None, now: datetime) -> web.Response:
     reason = record.unusable_reason(now)
     if reason in ("blocked", "expired") or (team is not None and team.unusable_reason(now) == "blocked"):
         return web.Response(status=401)
@@ -170,132 +179,122 @@ def _virtual_key_answer(record, team) -> web.Response:
         models = set(team.models) if models is None else models & set(team.models)
     policy = KeyPolicy(record.token_hash, frozenset(models) if models is not None else None, record.rpm_limit,
                        record.tpm_limit, record.max_parallel_requests, max_budget, spend)
-    headers = {"X-Key-Id": record.key_id, "X-Key-Policy": policy.to_header()}
+    headers = {KEY_ID_HEADER: record.key_id, KEY_POLICY_HEADER: policy.to_header()}
     if record.team_id and _TEAM_ID_OK.fullmatch(record.team_id):
-        headers["X-Team"] = record.team_id
+        headers[TEAM_HEADER] = record.team_id
     return web.Response(status=204, headers=headers)
 
 
+# ---------------------------------------------------------------- the endpoints
+
+KEYS = web.AppKey("keys", KeyFiles)
+DATABASE = web.AppKey("database", KeyDatabase)
+
+
 async def auth(request: web.Request) -> web.Response:
-    header = request.headers.get("Authorization")
-    if header is None or len(header) > _MAX_HEADER or header[:7].lower() != _SCHEME:
+    token = bearer_token(request.headers.get("Authorization"))  # the same rules as nginx/llmgate.js
+    if token is None:
         return web.Response(status=401)
-    token = header[7:].strip()
-    if not token:
-        return web.Response(status=401)
-    # aiohttp decodes header bytes with surrogateescape; this gives back the bytes the client sent
-    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    digest = key_hash(token)
     known = request.app[KEYS].index.keys.get(digest)
     if known is not None and hmac.compare_digest(known.sha256, digest):
         return web.Response(status=204, headers=known.headers)
-    virtual = request.app.get(VIRTUAL)
-    if virtual is None:
+    database = request.app.get(DATABASE)
+    if database is None:
         return web.Response(status=401)
-    from authsvc.store import StoreError
-
     try:
-        found = await virtual.lookup(digest)
+        found = await database.lookup(digest)
     except StoreError:
         # nginx turns this into a JSON 503 that says the key database is unreachable
         return web.Response(status=503, headers={"X-Gw-Error": "db_unavailable"})
     if found is None or not hmac.compare_digest(found[0].token_hash, digest):
         return web.Response(status=401)
-    return _virtual_key_answer(*found)
+    return _virtual_key_answer(*found, utcnow())
 
 
 async def health(request: web.Request) -> web.Response:
-    store = request.app[KEYS]
-    index = store.index
-    body = {"status": "ok", "teams": index.teams, "keys": len(index.keys), "teams_file": store.path}
+    files = request.app[KEYS]
+    index = files.index
+    body = {"status": "ok", "teams": index.teams, "keys": len(index.keys), "teams_file": files.path}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def make_auth_app(teams_path: str, database_url: str | None = None) -> web.Application:
-    """The authsvc app over one teams.yaml (and the key DB in DB mode); raises ConfigError when the file does not load."""
-    store = KeyStore(teams_path)
+def make_auth_app(teams_path: str, config_path: str | None = None) -> web.Application:
+    """The authsvc app over one teams.yaml (and config.yaml: the master key, and the key database in DB mode);
+    raises ConfigError when a file does not load."""
+    files = KeyFiles(teams_path, config_path)
     app = web.Application()
-    app[KEYS] = store
-    if database_url:
-        app.cleanup_ctx.append(_open_key_database(database_url))
+    app[KEYS] = files
     app.router.add_route("*", "/auth", auth)
     app.router.add_get("/health", health)
-    app.cleanup_ctx.append(_watch_teams_file)
+    url = files.config.database_url if files.config is not None else None
+    if url:
+        database = app[DATABASE] = KeyDatabase(url, files.index.usage_log)
+        register_admin_routes(app, lambda: database.store, lambda: files.master_key)
+        register_ui_routes(app)
+        app.cleanup_ctx.append(_run_key_database)
+    app.cleanup_ctx.append(_follow_files)
     return app
 
 
-def _open_key_database(url: str):
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from authsvc.store import Store, StoreUnavailable
-
-        store = None
-        while store is None:  # a database that is not up yet: keep trying, static keys already work
-            try:
-                store = await asyncio.to_thread(Store.open, url)
-            except StoreUnavailable as exc:
-                print(f"llmgate: authsvc: key database unavailable ({exc}); retrying in 2 s", file=sys.stderr, flush=True)
-                await asyncio.sleep(2)
-        app[VIRTUAL] = VirtualKeys(store)
-        yield
-        await asyncio.to_thread(store.close)
-
-    return ctx
-
-
-async def _watch_teams_file(app: web.Application) -> AsyncIterator[None]:
-    store = app[KEYS]
-    stop = asyncio.Event()
-    task = asyncio.create_task(store.watch(stop))
-    await asyncio.sleep(0)  # the watcher registers with the OS on its first step
-    await store.reload()  # a change made before the watcher started
+async def _run_key_database(app: web.Application) -> AsyncIterator[None]:
+    database = app[DATABASE]
+    await database.open()  # usually ready before authsvc listens; if not, static keys serve meanwhile
+    task = asyncio.ensure_future(database.run())
     yield
-    stop.set()
+    task.cancel()
     try:
-        await asyncio.wait_for(task, 2.0)
-    except asyncio.TimeoutError:
-        pass  # wait_for cancelled it
+        await asyncio.wait_for(task, 5.0)
+    except (asyncio.CancelledError, asyncio.TimeoutError):
+        pass
+    await asyncio.to_thread(database.close)
+
+
+async def _follow_files(app: web.Application) -> AsyncIterator[None]:
+    files = app[KEYS]
+    watch = FileWatch([p for p in (files.path, files.config_path) if p], files.reload)
+    watch.on_sighup()
+    task = asyncio.ensure_future(watch.run())
+    yield
+    task.cancel()
 
 
 def run_authsvc(args: argparse.Namespace) -> int:
     try:
-        database_url = None
-        if getattr(args, "config", None):
-            from controller.config import load_proxy_config
-
-            database_url = load_proxy_config(args.config).database_url
-        app = make_auth_app(args.teams, database_url)
+        app = make_auth_app(args.teams, getattr(args, "config", None))
     except ConfigError as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2
-    listen = app[KEYS].index.auth_listen
-    host = args.host if args.host is not None else listen.host
-    port = args.port if args.port is not None else listen.port
+    listen: Listen
+    if args.unix:
+        listen = UnixSocket(os.path.abspath(args.unix))
+    elif args.host is not None or args.port is not None:
+        default = app[KEYS].index.auth_listen
+        default = default if isinstance(default, Address) else DEFAULT_LISTEN
+        listen = Address(args.host if args.host is not None else default.host,
+                         args.port if args.port is not None else default.port)
+    else:
+        listen = app[KEYS].index.auth_listen or DEFAULT_LISTEN
 
     import uvloop
 
-    return uvloop.run(_serve(app, host, port))
+    return uvloop.run(_serve(app, listen))
 
 
-async def _serve(app: web.Application, host: str, port: int) -> int:
-    store = app[KEYS]
+async def _serve(app: web.Application, listen: Listen) -> int:
+    files = app[KEYS]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
     try:
-        await site.start()
-    except OSError as exc:
-        print(f"llmgate: authsvc cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        shown = await start_site(runner, listen, setting="--host/--port or --unix (gateway.auth_listen)")
+    except ListenError as exc:
+        print(f"llmgate: authsvc {exc}", file=sys.stderr)
         await runner.cleanup()
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, store.reload_soon, True)
-    port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
-    shown = f"[{host}]" if ":" in host else host
-    index = store.index
-    print(f"llmgate authsvc listening on http://{shown}:{port} ({store.path}: {index.teams} teams, "
-          f"{len(index.keys)} keys)", flush=True)
-    await stop.wait()
+    index = files.index
+    where = shown if shown.startswith("unix:") else f"http://{shown}"
+    print(f"llmgate authsvc listening on {where} ({files.path}: {index.teams} teams, {len(index.keys)} keys)",
+          flush=True)
+    await wait_for_stop()
     await runner.cleanup()
     return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from controller.edge import RunLayout
+from controller.edge.nginx import RunLayout
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b-instruct"
@@ -404,7 +404,7 @@ teams:
     rpm: 10000000
 """)
     argv = [sys.executable, "-m", "controller.cli", "up", "--config", str(config), "--teams", str(teams),
-            "--run-dir", str(run_dir), "--demo", "never"]
+            "--run-dir", str(run_dir)]
     started = time.perf_counter()
     up = spawn(f"gateway {key_lookup}{' db' if db else ''}: llmgate up", argv, workdir, tree=False)
     gateway = Gateway(port, up, {}, run_dir)
@@ -417,7 +417,7 @@ teams:
     return gateway
 
 
-CHILD_ROLES = {"proxy": "proxycore", "auth": "authsvc"}  # `llmgate <command>` -> role
+CHILD_ROLES = {"proxycore": "proxycore", "authsvc": "authsvc"}  # `python -m <program>` -> role
 
 
 def gateway_children(up: Server, key_lookup: str) -> dict[str, Server]:
@@ -430,7 +430,7 @@ def gateway_children(up: Server, key_lookup: str) -> dict[str, Server]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        command = argv[argv.index("controller.cli") + 1] if "controller.cli" in argv[:-1] else ""
+        command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
         role = "nginx" if argv[0].startswith("nginx: master") else CHILD_ROLES.get(command)
         if role is not None:
             parts[role] = Server(up.label.replace("llmgate up", role), pid, up.log_path)

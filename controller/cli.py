@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from authsvc import options as authsvc_options
+from proxycore import options as proxycore_options
 
 
 def _add_fake_vllm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fake-vllm", help="run a fake vLLM OpenAI-compatible server (tests, demo, benchmarks)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", action="append", dest="models", metavar="NAME",
-                   help="served model name (repeatable); default: llama-3.1-8b-instruct")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="delay before the response starts")
-    p.add_argument("--stream-chunks", type=int, default=8, help="content chunks per streamed response")
-    p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between streamed chunks")
-    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered with a 500")
-    p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate decisions")
-    p.add_argument("--api-key", default=None, help="require this bearer key, like `vllm serve --api-key`")
+    # The fake is a program of its own (python -m fakevllm): its options are its own, and no product code imports it.
+    p = sub.add_parser("fake-vllm", add_help=False, prefix_chars="\0",
+                       help="run a fake vLLM OpenAI-compatible server (tests, demo, benchmarks); --help for its options")
+    p.add_argument("program_args", nargs=argparse.REMAINDER)
 
 
 def _add_proxy(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("proxy", help="serve proxycore alone, like `litellm --config`")
-    p.add_argument("--config", required=True, help="LiteLLM-compatible config.yaml")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4000)
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--usage-log", default=None, help="append one JSON line per request to this file")
-    p.add_argument("--teams", default=None, help="teams.yaml: per-team model allow-lists (reloaded on change)")
-    p.add_argument("--only-team", default=None, help="a dedicated instance: serve this team alone, with its own key")
+    proxycore_options.add_arguments(sub.add_parser("proxy", help=proxycore_options.HELP))
 
 
 def _add_files(p: argparse.ArgumentParser) -> None:
@@ -38,10 +28,10 @@ def _add_files(p: argparse.ArgumentParser) -> None:
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("up", help="run the whole gateway, supervised (demo backends when no vLLM answers)")
+    p = sub.add_parser("up", help="run the whole gateway, supervised")
     _add_files(p)
-    p.add_argument("--demo", choices=("auto", "never"), default="auto",
-                   help="auto: start fake-vllm on loopback api_base ports where nothing listens")
+    p.add_argument("--demo", action="store_true",
+                   help="start the demo backend (fake-vllm) on loopback api_base ports where nothing listens")
 
 
 def _add_operate(sub: argparse._SubParsersAction) -> None:
@@ -55,11 +45,7 @@ def _add_operate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_auth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("auth", help="serve authsvc: nginx's auth_request endpoint for team keys")
-    p.add_argument("--teams", default="teams.yaml")
-    p.add_argument("--config", default=None, help="config.yaml, for general_settings.database_url (DB mode)")
-    p.add_argument("--host", default=None, help="default: gateway.auth_listen of teams.yaml")
-    p.add_argument("--port", type=int, default=None)
+    authsvc_options.add_arguments(sub.add_parser("auth", help=authsvc_options.HELP))
 
 
 def _add_key(sub: argparse._SubParsersAction) -> None:
@@ -120,42 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROGRAMS = {"proxy": "proxycore", "auth": "authsvc", "fake-vllm": "fakevllm"}  # processes of their own
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "fake-vllm":
-        from controller.fake_vllm import run_fake_vllm
-
-        return run_fake_vllm(args)
-    if args.command == "proxy":
-        from proxycore.serve import run_proxy
-
-        return run_proxy(args)
+    raw = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(raw)
+    if args.command in PROGRAMS:
+        # proxycore, authsvc and the fake run as programs of their own: the same process, now theirs
+        rest = raw[raw.index(args.command) + 1:]
+        os.execv(sys.executable, [sys.executable, "-m", PROGRAMS[args.command], *rest])
+    # The controller's own commands are imported when used: `llmgate key new` need not load aiohttp.
     if args.command == "up":
-        from controller.up import run_up
+        from controller.ops.up import run_up
 
         return run_up(args)
     if args.command in ("check", "render", "reload"):
-        from controller import operate
+        from controller.ops import commands
 
-        return getattr(operate, f"run_{args.command}")(args)
+        return getattr(commands, f"run_{args.command}")(args)
     if args.command == "usage":
-        from controller.usage import run_usage
+        from controller.reports.command import run_usage
 
         return run_usage(args)
     if args.command == "certs":
-        from controller.certs import run_certs
+        from controller.ops.certs import run_certs
 
         return run_certs(args)
     if args.command == "sidecar":
-        from controller.sidecar import run_sidecar
+        from controller.ops.sidecar import run_sidecar
 
         return run_sidecar(args)
-    if args.command == "auth":
-        from authsvc.server import run_authsvc
-
-        return run_authsvc(args)
     if args.command == "key":
-        from controller.keys import run_key
+        from controller.ops.keys import run_key
 
         return run_key(args)
     raise AssertionError(args.command)

@@ -1,34 +1,26 @@
-"""OpenAI-shaped error responses: `{"error": {"message", "type", "param", "code"}}`."""
+"""How proxycore answers with an error: one exception type, `ApiError`, whose fields are the OpenAI error
+(`{"error": {"message", "type", "param", "code"}}`, typed by status from controller/model/openai_errors.py)."""
 
 from __future__ import annotations
 
 import orjson
 from aiohttp import web
 
-# status -> OpenAI error type
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    499: "client_closed_request",
-    500: "server_error",
-    502: "server_error",
-    503: "server_error",
-    504: "server_error",
-}
+from controller.model.openai_errors import error_body
 
 
-def error_body(status: int, message: str, code: str | None, param: str | None = None,
-               type_: str | None = None) -> bytes:
-    return orjson.dumps({"error": {
-        "message": message,
-        "type": type_ or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-        "param": param,
-        "code": code,
-    }})
+class ApiError(Exception):
+    """A request refused or failed; the one way a handler ends with an error answer."""
+
+    def __init__(self, status: int, message: str, code: str | None, param: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+        self.headers = headers
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        headers = {**self.headers, **(extra_headers or {})} if self.headers else extra_headers
+        return error_response(self.status, self.message, self.code, self.param, self.type, headers)
 
 
 def error_response(status: int, message: str, code: str | None, param: str | None = None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import yarl
 
-from controller.config import Deployment, ProxyConfig
+from controller.model.config import Deployment, ProxyConfig
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
                   "models": "/models"}

@@ -1,21 +1,27 @@
-"""`llmgate proxy`: run proxycore in one process, or in N worker processes sharing a port."""
+"""`llmgate proxy`: run proxycore in one process, or in N worker processes sharing a port or a socket."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 
-from controller.config import ConfigError, ProxyConfig, load_proxy_config
-from controller.teams import TeamsConfig, load_gateway_config
+from controller.model.config import ProxyConfig, load_proxy_config
+from controller.model.gateway import load_gateway_config
+from controller.model.teams import Address, Listen, TeamsConfig, UnixSocket
+from controller.model.usage_record import month_id
+from controller.model.yamlpath import ConfigError
+from controller.ops.serving import ListenError, bind_unix, start_site, wait_for_stop
+from controller.reports.aggregate import month_to_date
 
 READY_TIMEOUT_S = 30.0
 RESTART_BACKOFF_MAX_S = 10.0
+LISTEN_SETTING = "--host/--port or --unix (gateway.proxy_listen under llmgate up)"
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -29,10 +35,13 @@ def run_proxy(args: argparse.Namespace) -> int:
     if config.master_key is None:
         print("llmgate: warning: no general_settings.master_key: proxycore accepts requests without a key; "
               "keep it on loopback", file=sys.stderr)
+    if config.database_url is not None and not args.teams:
+        print("llmgate: note: proxycore does not open general_settings.database_url; virtual keys, the admin API "
+              "and /ui are served by `llmgate up` (nginx and authsvc in front of proxycore)", file=sys.stderr)
     if args.workers < 1 or args.workers > 64:
         print("llmgate: --workers: expected a number from 1 to 64", file=sys.stderr)
         return 2
-    if args.workers > 1 and args.port == 0:
+    if args.workers > 1 and args.port == 0 and not args.unix:
         print("llmgate: --workers > 1 needs a fixed --port (workers share it)", file=sys.stderr)
         return 2
     teams = None
@@ -45,42 +54,54 @@ def run_proxy(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"llmgate: {exc}", file=sys.stderr)
             return 2
-    worker = ProxyWorker(config, teams, args, os.environ.get("LLMGATE_INTERNAL_KEY"))
+    listen: Listen = UnixSocket(os.path.abspath(args.unix)) if args.unix else Address(args.host, args.port)
+    worker = ProxyWorker(config, teams, args, listen)
+    try:
+        if isinstance(listen, UnixSocket):
+            worker.sock = bind_unix(listen.path)  # bound once here: every worker accepts on it
+    except ListenError as exc:
+        print(f"llmgate: proxycore {exc}; choose another with {LISTEN_SETTING}", file=sys.stderr)
+        return 1
     if teams is not None:
-        worker.quota_dir = tempfile.mkdtemp(prefix="llmgate-quota-")
-        _rebuild_month_to_date(worker.quota_dir, teams, args.usage_log)
+        worker.meter_dir = tempfile.mkdtemp(prefix="llmgate-meters-")
+        _rebuild_month_to_date(worker.meter_dir, teams, args.usage_log)
     try:
         if args.workers == 1:
             return worker.run(announce=True)
         return _supervise_workers(worker, args.workers)
     finally:
-        if worker.quota_dir:
-            shutil.rmtree(worker.quota_dir, ignore_errors=True)
+        if worker.meter_dir:
+            shutil.rmtree(worker.meter_dir, ignore_errors=True)
+        if isinstance(listen, UnixSocket) and worker.sock is not None:
+            worker.sock.close()
+            try:
+                os.unlink(listen.path)
+            except FileNotFoundError:
+                pass
 
 
-def _rebuild_month_to_date(quota_dir: str, teams: TeamsConfig, usage_log: str | None) -> None:
+def _rebuild_month_to_date(meter_dir: str, teams: TeamsConfig, usage_log: str | None) -> None:
     """Budgets survive restarts: the month's use is summed from the usage logs before any worker serves."""
-    from controller.usage import month_to_date
-    from proxycore.quota import Quotas, month_id
+    from proxycore.meters import Meters
 
-    quotas = Quotas(quota_dir)
-    now = quotas.clock.now()
+    meters = Meters(meter_dir)
+    now = meters.clock.now()
     used = month_to_date(usage_log, now) if usage_log else {}
     for team in teams.teams:
         tokens, usd = used.get(team.name, (0, 0.0))
-        quotas.meter(team.name).set_month(month_id(now), tokens, usd)
+        meters.meter(team.name).set_month(month_id(now), tokens, usd)
 
 
 class ProxyWorker:
     """Everything one worker process needs to serve; `run()` blocks until SIGTERM or SIGINT."""
 
-    def __init__(self, config: ProxyConfig, teams: TeamsConfig | None, args: argparse.Namespace,
-                 internal_key_env: str | None, reuse_port: bool = False):
-        self.config, self.teams, self.host, self.port = config, teams, args.host, args.port
+    def __init__(self, config: ProxyConfig, teams: TeamsConfig | None, args: argparse.Namespace, listen: Listen):
+        self.config, self.teams, self.listen = config, teams, listen
         self.config_path, self.teams_path, self.usage_path = args.config, args.teams, args.usage_log
         self.only_team = getattr(args, "only_team", None)
-        self.internal_key_env, self.reuse_port = internal_key_env, reuse_port
-        self.quota_dir: str | None = None  # shared counters of budgets and TPM, when teams.yaml is in use
+        self.reuse_port = False
+        self.sock: socket.socket | None = None  # the unix socket, bound by the parent
+        self.meter_dir: str | None = None  # shared counters of budgets and TPM, when teams.yaml is in use
 
     def run(self, announce: bool = False, ready_fd: int | None = None) -> int:
         import uvloop
@@ -88,44 +109,42 @@ class ProxyWorker:
         return uvloop.run(self._serve(announce, ready_fd))
 
     async def _serve(self, announce: bool, ready_fd: int | None) -> int:
+        # Imported here, in the worker: prometheus_client must see PROMETHEUS_MULTIPROC_DIR first.
         from aiohttp import web
 
-        from proxycore.app import Gateway, LiveGateway, make_app
+        from proxycore.app import make_app
+        from proxycore.live import LiveConfig, ServedConfig
+        from proxycore.meters import Meters
         from proxycore.usage_log import UsageLog
 
         usage = UsageLog(self.usage_path) if self.usage_path else None
-        internal_key = (self.teams.gateway.internal_key if self.teams else None) or self.internal_key_env
-        gw = Gateway.build(self.config, internal_key, self.teams, only_team=self.only_team)
-        live = LiveGateway(gw, self.config_path, self.teams_path, self.internal_key_env)
-        from proxycore.quota import Quotas
-
-        app = make_app(live, usage_log=usage, quotas=Quotas(self.quota_dir) if self.quota_dir else None)
+        served = ServedConfig.build(self.config, self.teams, only_team=self.only_team)
+        live = LiveConfig(served, self.config_path, self.teams_path)
+        app = make_app(live, usage_log=usage, meters=Meters(self.meter_dir) if self.meter_dir else None)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_port=self.reuse_port, backlog=2048)
-        await site.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        if usage is not None:
-            loop.add_signal_handler(signal.SIGUSR1, usage.reopen)
+        try:
+            shown = await start_site(runner, self.listen, reuse_port=self.reuse_port, sock=self.sock,
+                                     setting=LISTEN_SETTING)
+        except ListenError as exc:
+            print(f"llmgate: proxycore {exc}", file=sys.stderr, flush=True)
+            await runner.cleanup()
+            return 1
         if announce:
-            port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
-            _announce(self.config, self.host, port, 1)
+            _announce(self.config, shown, 1)
         if ready_fd is not None:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
-        await stop.wait()
+        await wait_for_stop(on_usr1=usage.reopen if usage is not None else None)
         await runner.cleanup()
         if usage is not None:
             usage.close()
         return 0
 
 
-def _announce(config: ProxyConfig, host: str, port: int, workers: int) -> None:
-    shown = f"[{host}]" if ":" in host else host
-    print(f"llmgate proxy listening on http://{shown}:{port} ({workers} worker{'s' if workers > 1 else ''}; "
+def _announce(config: ProxyConfig, shown: str, workers: int) -> None:
+    where = shown if shown.startswith("unix:") else f"http://{shown}"
+    print(f"llmgate proxy listening on {where} ({workers} worker{'s' if workers > 1 else ''}; "
           f"models: {', '.join(config.model_names())})", flush=True)
 
 
@@ -134,15 +153,17 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
     own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # under `llmgate up` the whole gateway shares one
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="llmgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any worker imports prometheus_client
-    worker.reuse_port = True
+    worker.reuse_port = worker.sock is None  # TCP: each worker binds the port; a socket is shared as bound
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
 
-    def spawn(slot: int) -> tuple[int, int]:
-        r, w = os.pipe()
+    def spawn(slot: int, report_ready: bool = True) -> int | None:
+        """Fork a worker; returns the read end of its ready pipe when `report_ready`."""
+        r, w = os.pipe() if report_ready else (None, None)
         pid = os.fork()
         if pid == 0:
-            os.close(r)
+            if r is not None:
+                os.close(r)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
@@ -150,9 +171,10 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
                 code = worker.run(ready_fd=w)
             finally:
                 os._exit(code)
-        os.close(w)
+        if w is not None:
+            os.close(w)
         children[pid] = slot
-        return pid, r
+        return r
 
     def forward(signum: int, _frame) -> None:
         nonlocal stopping
@@ -166,9 +188,10 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, forward)
-    pipes = [spawn(slot)[1] for slot in range(count)]
+    pipes = [spawn(slot) for slot in range(count)]
     deadline = time.monotonic() + READY_TIMEOUT_S
     for r in pipes:
+        assert r is not None
         ok = _wait_ready(r, deadline)
         os.close(r)
         if not ok:
@@ -176,7 +199,7 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
             forward(signal.SIGTERM, None)
             break
     else:
-        _announce(worker.config, worker.host, worker.port, count)
+        _announce(worker.config, str(worker.listen), count)
 
     from prometheus_client import multiprocess
 
@@ -196,8 +219,7 @@ def _supervise_workers(worker: ProxyWorker, count: int) -> int:
               file=sys.stderr, flush=True)
         time.sleep(delay)
         if not stopping:
-            _, r = spawn(slot)
-            os.close(r)
+            spawn(slot, report_ready=False)  # nobody waits for a restarted worker's ready byte
     if own_dir:
         _remove_dir(metrics_dir)
     return 0

@@ -1,10 +1,11 @@
-"""The usage log: one JSON line per request, each written whole with a single O_APPEND write."""
+"""Where usage is written: the usage log, one JSON line (a `UsageRecord`) per request, each written whole
+with a single O_APPEND write."""
 
 from __future__ import annotations
 
 import os
 
-import orjson
+from controller.model.usage_record import UsageRecord
 
 
 class UsageLog:
@@ -18,8 +19,8 @@ class UsageLog:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
-    def write(self, record: dict) -> None:
-        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    def write(self, record: UsageRecord) -> None:
+        line = record.to_line()
         # One write() of a whole line: O_APPEND places it atomically after every other writer's lines.
         written = os.write(self._fd, line)
         while written < len(line):  # only on a full disk or a signal; finish the line rather than tear it

@@ -18,42 +18,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from authsvc.store import Store, StoreUnavailable
-from proxycore.admin import SpendWriter, register_admin_routes, replay_usage_log, spend_writer_ctx
-from tests.conftest import http
-from tests.test_store import database
-
-MASTER = "sk-master-5f0c2e9a7b41d3"
-STORE = web.AppKey("store", Store)
-
-
-@contextmanager
-def serve(app: web.Application) -> Iterator[str]:
-    """Run an aiohttp app on a loopback port in a thread of its own; yields its base URL."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-
-def admin_app(store: Store | None, master: str | None = MASTER) -> web.Application:
-    app = web.Application()
-    if store is not None:
-        app[STORE] = store
-    register_admin_routes(app, STORE, lambda: master)
-    return app
-
+from authsvc.keydb.records import StoreUnavailable
+from authsvc.keydb.store import Store
+from authsvc.spend import SpendWriter, replay_usage_log, spend_writer_ctx
+from support import MASTER, admin_app, database, http, serve
 
 class Admin:
     def __init__(self, base: str, store: Store):

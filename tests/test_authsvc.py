@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import LLMGATE, free_port, http, wait_until
+from support import LLMGATE, free_port, http, wait_until
 
 KEY_A = "sk-team-a-4f1c9e0b7d2a61385e"
 KEY_CI = "sk-team-a-ci-8d03b5a9c4e7f1"

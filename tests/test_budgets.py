@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import LLMGATE, ROOT, http, launch_gateway, sha256_hex, start_gateway, wait_until
+from support import LLMGATE, ROOT, http, launch_gateway, sha256_hex, start_gateway, wait_until
 
 KEY = "sk-budget-team-0123456789abcdef"
 OTHER = "sk-budget-other-0123456789abcde"

@@ -17,11 +17,13 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from conftest import LLMGATE, ROOT, free_port, http, sha256_hex, start_fake_vllm, teams_yaml, wait_until, write_config
+from support import LLMGATE, ROOT, free_port, http, sha256_hex, start_fake_vllm, teams_yaml, wait_until, write_config
 from controller.cli import build_parser
-from controller.edge import nginx_binary
-from controller.render import find_js_module, render_nginx_conf
-from controller.teams import load_gateway_config
+from fakevllm.__main__ import build_parser as fake_vllm_parser
+from controller.edge.nginx import nginx_binary
+from controller.edge.nginx import find_js_module
+from controller.edge.render import render_nginx_conf
+from controller.model.gateway import load_gateway_config
 
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
@@ -154,6 +156,8 @@ def test_every_llmgate_command_is_a_real_subcommand_the_parser_accepts():
         assert argv and argv[0] in choices, f"{name}: {argv[:1]} is not an llmgate subcommand ({', '.join(choices)})"
         try:
             parser.parse_args(argv)
+            if argv[0] == "fake-vllm":  # a program of its own: its options are checked by its parser
+                fake_vllm_parser().parse_args(argv[1:])
         except SystemExit:
             pytest.fail(f"{name}: `llmgate {' '.join(argv)}` is refused by the CLI parser")
 
@@ -403,16 +407,18 @@ TEAM_C = f"  team-c:\n    keys: [sha256:{sha256_hex(TEAM_C_KEY)}]\n"
 
 
 def test_the_live_config_names_the_serving_nginx_module_and_the_staging_copy_the_local_one(tmp_path):
-    from controller.sidecar import SidecarLayout, SidecarReloader
+    from controller.edge.nginx import EdgeReloader
+    from controller.ops.sidecar import SidecarLayout
 
     config, teams = tmp_path / "config.yaml", tmp_path / "teams.yaml"
     write_config(config, [{"model_name": "llama-3.1-8b-instruct", "api_base": "http://127.0.0.1:9/v1"}])
     teams.write_text(teams_yaml(free_port(), free_port(), free_port(), "map", TEAM_A))
     layout = SidecarLayout(tmp_path / "run", tmp_path / "shared" / "nginx")
     served_module = "/etc/nginx/modules/ngx_http_js_module.so"
-    reloader = SidecarReloader(layout, str(config), str(teams), INTERNAL_KEY, nginx_pid=lambda: None, js_module=served_module)
-    _, live = reloader.load_and_render(layout.nginx_prefix)
-    _, staged = reloader.load_and_render(layout.staging_prefix)
+    reloader = EdgeReloader(layout, str(config), str(teams), INTERNAL_KEY, nginx_pid=lambda: None, js_module=served_module)
+    cfg = reloader.load()
+    live = reloader.render(cfg, layout.nginx_prefix)
+    staged = reloader.render(cfg, layout.staging_prefix)
     assert f'load_module "{served_module}";' in live.files["nginx.conf"].decode()
     assert f'load_module "{find_js_module()}";' in staged.files["nginx.conf"].decode()
     assert layout.work_dir(layout.nginx_prefix) == layout.nginx_prefix / "work"

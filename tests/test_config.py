@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from conftest import LLMGATE, ROOT
-from controller.config import ConfigError, load_proxy_config
+from support import LLMGATE, ROOT
+from controller.model.config import ConfigError, load_proxy_config
 
 # As LiteLLM's docs write it for vLLM (providers/vllm and proxy/configs pages).
 LITELLM_VLLM_DOCS = """
@@ -157,7 +157,7 @@ def test_cli_exits_2_with_one_clear_message_for_an_invalid_file(tmp_path):
 
 
 def test_cli_prints_the_unsupported_key_warning_once_and_serves(spawn, tmp_path):
-    from conftest import free_port
+    from support import free_port
 
     p = tmp_path / "config.yaml"
     p.write_text("model_list: [{model_name: m, litellm_params: {model: hosted_vllm/m, api_base: http://127.0.0.1:9/v1}}]\n"

@@ -10,8 +10,7 @@ import time
 import openai
 import pytest
 
-from conftest import MASTER_KEY, http, sha256_hex, start_fake_vllm, start_gateway, wait_until, write_config
-from test_store import database
+from support import MASTER_KEY, database, http, sha256_hex, start_fake_vllm, start_gateway, wait_until, write_config
 
 STATIC = "sk-db-mode-static-team-key-0123"
 TEAMS = f"""  static-team:
@@ -33,7 +32,7 @@ def gateway_with_db(spawn, tmp_path, url: str, name: str = "gw"):
         {"model_name": MODEL, "api_base": llama, "model_info": {"input_cost_per_token": 0.01, "output_cost_per_token": 0.01}},
         {"model_name": "other", "api_base": other, "model": "hosted_vllm/other"}], general={"database_url": url})
     gw.svc.stop()
-    from conftest import launch_gateway
+    from support import launch_gateway
 
     gw.svc = launch_gateway(spawn, directory)
     return gw

@@ -11,7 +11,7 @@ import urllib.error
 
 import pytest
 
-from conftest import http, sha256_hex, start_gateway, wait_until
+from support import http, sha256_hex, start_gateway, wait_until
 
 KEY_A, KEY_B = "sk-dedicated-team-a-0123456789", "sk-dedicated-team-b-0123456789"
 TEAMS = f"""  team-a:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 SHELLS = {"sh", "bash", "console"}
@@ -199,7 +199,7 @@ def make_copy(tmp: Path) -> Path:
     shutil.copytree(ROOT / "compose", copy / "compose", ignore=shutil.ignore_patterns(".env"))
     (copy / ".venv").symlink_to(ROOT / ".venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGATE_")}
-    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from controller.up import ensure_secrets; "
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from controller.ops.secrets import ensure_secrets; "
                     "ensure_secrets(Path(sys.argv[1]))", str(copy / "run")], check=True, cwd=ROOT, env=env)
     return copy
 
@@ -304,8 +304,10 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def synopsis_problems(lines: list[str]) -> list[str]:
     """Each `llmgate ...` line names real subcommands, only their options, and their exact choices."""
     from controller.cli import build_parser
+    from fakevllm.__main__ import build_parser as fake_vllm_parser
 
     commands = _subparsers(build_parser())
+    commands["fake-vllm"] = fake_vllm_parser()  # a program of its own: `llmgate fake-vllm` passes its options on
     problems = []
     for line in lines:
         words = re.split(r"[\s\[\]|]+", line)
@@ -356,7 +358,7 @@ def test_command_synopses_match_the_cli():
 
 def test_configuration_reference_names_every_key():
     """Each key the loaders read appears in docs/configuration.md, alone or at the end of a path (`budget.usd_per_month`)."""
-    from controller import config, teams
+    from controller.model import config, teams
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     keys = set(config._TOP_KEYS | config._GENERAL_KEYS | config._LITELLM_KEYS | config._ROUTER_KEYS)
@@ -469,7 +471,7 @@ def test_a_failing_run_block_is_reported_and_file_blocks_are_written(tmp_path):
 def test_synopsis_lines_are_checked_against_the_parser():
     assert synopsis_problems(["llmgate usage [--by team,model] [--format table|csv|json|html] [--budget]",
                               "llmgate check | render --out DIR | reload", "llmgate key new --team T | key revoke KEY"]) == []
-    problems = synopsis_problems(["llmgate usage [--bogus]", "llmgate frobnicate", "llmgate up --demo auto|always"])
+    problems = synopsis_problems(["llmgate usage [--bogus]", "llmgate frobnicate", "llmgate usage --format table|xml"])
     assert len(problems) == 3, problems
 
 

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from conftest import http, sha256_hex, start_gateway
+from support import http, sha256_hex, start_gateway
 
 KEY_A = "sk-edge-team-a-0123456789abcdef"
 KEY_B = "sk-edge-team-b-fedcba9876543210"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import http, sha256_hex, start_fake_vllm, start_gateway
+from support import http, sha256_hex, start_fake_vllm, start_gateway
 
 KEY_A = "sk-policy-team-a-0123456789"
 KEY_B = "sk-policy-team-b-0123456789"

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import http, sha256_hex, start_gateway
+from support import http, sha256_hex, start_gateway
 
 SLOW = "sk-rate-slow-team-0123456789"
 FAST = "sk-rate-fast-team-0123456789"

@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 
-from conftest import LLMGATE, ROOT, http, sha256_hex, start_gateway, teams_yaml, wait_until
+from support import LLMGATE, ROOT, http, sha256_hex, start_gateway, teams_yaml, wait_until
 
 KEY = "sk-reload-main-team-0123456789"
 NEW_KEY = "sk-reload-new-team-0123456789"

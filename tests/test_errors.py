@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, write_config
+from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}

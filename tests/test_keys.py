@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LLMGATE, ROOT
-from controller.keys import KeyCommandError, _replace_checked
-from controller.teams import hash_key, load_teams
+from support import LLMGATE, ROOT
+from controller.ops.keys import KeyCommandError, _replace_checked
+from controller.model.teams import load_teams
+from controller.model.wire import key_hash as hash_key
 
 ENV_KEY = "sk-team-b-from-the-environment"
 # Two hashes that share their first 12 hex digits, to make a prefix ambiguous.

@@ -6,7 +6,7 @@ import re
 
 import openai
 
-from conftest import MASTER_KEY, http, start_fake_vllm, start_proxy, write_config
+from support import MASTER_KEY, http, start_fake_vllm, start_proxy, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 INTERNAL = "sk-internal-metrics-test"

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import ROOT, http, sha256_hex, start_fake_vllm, start_gateway, wait_until
+from support import ROOT, http, sha256_hex, start_fake_vllm, start_gateway, wait_until
 
 MONITORING = ROOT / "compose" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "llmgate.json"

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from conftest import MASTER_KEY, http, start_fake_vllm, start_proxy, write_config
+from support import MASTER_KEY, http, start_fake_vllm, start_proxy, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 INTERNAL_KEY = "sk-internal-test-key-42"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import load_proxy_config
-from controller.render import RenderError, nginx_quote, render_nginx_conf
-from controller.teams import GatewayConfig, load_teams
-from controller.yamlpath import ConfigError
+from controller.model.config import load_proxy_config
+from controller.edge.render import RenderError, nginx_quote, render_nginx_conf
+from controller.model.gateway import GatewayConfig
+from controller.model.teams import load_teams
+from controller.model.yamlpath import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden"
 CONFIG = """
@@ -46,7 +47,8 @@ teams:
 def gateway(tmp_path: Path, teams: str) -> GatewayConfig:
     (tmp_path / "config.yaml").write_text(CONFIG)
     (tmp_path / "teams.yaml").write_text(textwrap.dedent(teams))
-    return GatewayConfig(load_proxy_config(tmp_path / "config.yaml"), load_teams(tmp_path / "teams.yaml"))
+    cfg = GatewayConfig(load_proxy_config(tmp_path / "config.yaml"), load_teams(tmp_path / "teams.yaml"))
+    return cfg.with_sockets("/srv/llmgate/run/sockets")
 
 
 def render(cfg: GatewayConfig) -> str:
@@ -129,7 +131,7 @@ def test_duplicate_key_across_teams_is_refused(tmp_path):
 def test_team_model_must_exist_in_config(tmp_path):
     (tmp_path / "config.yaml").write_text(CONFIG)
     (tmp_path / "teams.yaml").write_text("teams:\n  a:\n    models: [gpt-4]\n")
-    from controller.teams import load_gateway_config
+    from controller.model.gateway import load_gateway_config
 
     with pytest.raises(ConfigError, match=r"teams\.a\.models\[0\].*llama-3.1-8b-instruct"):
         load_gateway_config(tmp_path / "config.yaml", tmp_path / "teams.yaml")

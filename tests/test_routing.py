@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from conftest import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
+from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 

@@ -20,52 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from authsvc.store import (MIGRATIONS_DIR, Conflict, MigrationError, Store, StoreUnavailable, parse_database_url,
-                           parse_duration)
+from authsvc.keydb.records import Conflict, MigrationError, StoreUnavailable, parse_duration
+from authsvc.keydb.store import MIGRATIONS_DIR, Store
+from controller.model.config import parse_database_url
+from support import PG_URL, database, postgres_schema
 
-PG_URL = os.environ.get("LLMGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
-
-
-def _with_params(url: str, **params: str) -> str:
-    from urllib.parse import quote
-
-    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
-    return url + ("&" if "?" in url else "?") + query
-
-
-@contextmanager
-def postgres_schema() -> Iterator[tuple[str, str]]:
-    """(URL, schema): a fresh schema on the test server, selected by search_path; dropped at the end."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_URL}: {str(exc).strip()}\n"
-                    "These tests need it: start PostgreSQL (CI provides one) or set LLMGATE_TEST_POSTGRES_URL.")
-    schema = f"llmgate_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield _with_params(PG_URL, options=f"-csearch_path={schema}", application_name=schema), schema
-    finally:
-        # a fresh connection: the server may have restarted during the test
-        with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
-                          "AND pid <> pg_backend_pid()", (schema,))
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
-@contextmanager
-def database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty database of the given kind."""
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'llmgate.db'}"
-    else:
-        with postgres_schema() as (url, _schema):
-            yield url
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> Iterator[str]:
@@ -421,12 +381,12 @@ def test_a_locked_sqlite_file_is_unavailable_not_a_crash(tmp_path):
     _, key = store.generate_key()
     holder = sqlite3.connect(tmp_path / "llmgate.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    import authsvc.store as store_module
+    import authsvc.keydb.backends as store_module
 
     original = store_module._SQLITE_BUSY_MS
     try:
         store_module._SQLITE_BUSY_MS = 200
-        fresh = Store(store_module._Sqlite(parse_database_url(url)))
+        fresh = Store(store_module.SqliteBackend(parse_database_url(url)))
         with pytest.raises(StoreUnavailable, match="locked"):
             fresh.record_spend([{"request_id": "x", "key_hash": key.token_hash, "spend": 1.0}])
     finally:

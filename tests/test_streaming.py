@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from conftest import MASTER_KEY, http, start_fake_vllm, start_proxy, wait_until, write_config
+from support import MASTER_KEY, http, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]

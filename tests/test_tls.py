@@ -23,7 +23,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from conftest import (LLMGATE, MASTER_KEY, ROOT, free_port, http, sha256_hex, start_gateway, start_proxy,
+from support import (LLMGATE, MASTER_KEY, ROOT, free_port, http, sha256_hex, start_gateway, start_proxy,
                       write_config)
 
 DOMAIN = "team-a.llm.test"

@@ -15,8 +15,9 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
-from authsvc.store import Store, hash_key
-from tests.test_admin_api import MASTER, admin_app, serve
+from authsvc.keydb.store import Store
+from controller.model.wire import key_hash as hash_key
+from support import MASTER, admin_app, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 
-from conftest import http, sha256_hex, start_gateway, wait_until
+from support import http, sha256_hex, start_gateway, wait_until
 
 TEAMS = """  demo:
     keys: [os.environ/LLMGATE_DEMO_KEY]

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from yarl import URL
 
-from controller.fake_vllm import make_fake_vllm_app, serve_fake_vllm
+from fakevllm.server import make_fake_vllm_app, serve_fake_vllm
 from proxycore.upstream import (UpstreamClient, UpstreamConnectError, UpstreamError, UpstreamProtocolError,
                                 UpstreamTimeout)
 

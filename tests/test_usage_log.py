@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from conftest import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
+from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 FIELDS = {"ts", "request_id", "team", "key_id", "key_hash", "model", "endpoint", "deployment", "status", "stream",

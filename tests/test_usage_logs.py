@@ -6,7 +6,7 @@ import gzip
 import json
 import subprocess
 
-from conftest import LLMGATE, ROOT
+from support import LLMGATE, ROOT
 
 
 def usage_line(rid: str, team: str, status: int = 200, prompt: int = 10, completion: int = 5, **extra) -> str:

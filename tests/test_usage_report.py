@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 
-from conftest import LLMGATE, ROOT, colour_share, http, screenshot, sha256_hex, start_fake_vllm, start_gateway, wait_until
+from support import LLMGATE, ROOT, colour_share, http, screenshot, sha256_hex, start_fake_vllm, start_gateway, wait_until
 
 KEY_A, KEY_B, KEY_R = "sk-usage-team-a-0123456789", "sk-usage-team-b-0123456789", "sk-usage-team-r-0123456789"
 TEAMS = f"""  team-a:
@@ -154,7 +154,7 @@ def test_table_csv_and_html_formats(gw, tmp_path):
     page = html.read_text()
     assert "<svg" in page and "team-a" in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     png = screenshot(html, tmp_path / "report.png")
-    from controller.usage_html import PALETTE
+    from controller.reports.html import PALETTE
 
     bars = sum(colour_share(png, tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))) for c in PALETTE[:4])
     white = colour_share(png, (255, 255, 255), tolerance=2)

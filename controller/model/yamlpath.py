@@ -97,10 +97,17 @@ class Node:
         return v
 
     def scalar_of(self, check: Callable[[Any], Any]) -> Any:
+        """The scalar through a check of `scalars`; YAML's leniency is here: text that YAML would read as a
+        number or boolean (an `os.environ/` value, a quoted "5") counts as one, and a number as its text."""
         v = self.scalar()
         try:
             return check(v)
         except ValueError as exc:
+            for reading in _other_readings(v):
+                try:
+                    return check(reading)
+                except ValueError:
+                    pass
             raise ConfigError(self.file, self.path, str(exc), "", _describe(v, secret=self.value != v)) from None
 
     def req(self, key: str, check: Callable[[Any], Any]) -> Any:
@@ -112,6 +119,18 @@ class Node:
     def opt(self, key: str, check: Callable[[Any], Any], default: Any = None) -> Any:
         node = self.get(key)
         return default if node is None else node.scalar_of(check)
+
+
+def _other_readings(v: Any) -> list[Any]:
+    if isinstance(v, str):
+        try:
+            parsed = yaml.safe_load(v)
+        except yaml.YAMLError:
+            return []
+        return [parsed] if isinstance(parsed, (bool, int, float)) else []
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [str(v)]
+    return []
 
 
 def _describe(v: Any, secret: bool = False) -> str:

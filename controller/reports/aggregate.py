@@ -1,4 +1,4 @@
-"""`llmgate usage`: reports per team, model, day and key from proxycore's usage log and nginx's access log.
+"""Usage per team, model, day and key, summed from proxycore's usage log and nginx's access log.
 
 Reads line by line (rotated and gzip-compressed files too), in memory bounded by the number of
 groups, not of lines. Each request is counted once: from proxycore's usage line when proxycore
@@ -12,15 +12,15 @@ import math
 import os
 import re
 import sys
-from operator import itemgetter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import orjson
 
-from controller.yamlpath import ConfigError
+from controller.model.usage_record import UsageRecord, month_start, parse_timestamp, usage_timestamp
 
 GROUP_FIELDS = ("team", "model", "day", "key")
 OUTCOMES = ("ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors", "server_errors")
@@ -147,8 +147,7 @@ class Filters:
 
 
 def _utc_text(ts: datetime | None) -> str | None:
-    """The usage log's own timestamp format, which orders like the times it stands for."""
-    return None if ts is None else ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return None if ts is None else usage_timestamp(ts)
 
 
 class UsageReport:
@@ -180,42 +179,30 @@ class UsageReport:
 
     def add_usage(self, d: dict) -> bool:
         """A proxycore usage line; False when it does not have the current shape."""
-        try:
-            status, ts = d["status"], d["ts"]
-            team, prompt, completion = d["team"], d["prompt_tokens"], d["completion_tokens"]
-            latency = d["latency_ms"]
-        except (KeyError, TypeError):
+        r = UsageRecord.from_json(d)
+        if r is None or r.latency_ms is None:
             return False
-        if type(status) is not int or type(prompt) is not int or type(completion) is not int or type(ts) is not str:
-            return False
-        if len(ts) != 24 or ts[23] != "Z":  # not the format proxycore writes: normalise it
-            try:
-                ts = _utc_text(_parse_ts(ts))
-            except ValueError:
-                return False
+        ts, team = r.ts, r.team
         if (self._since is not None or self._until is not None or self.filters.team is not None) and not self._keep(ts, team):
             return True
-        g = self._group(team, d.get("model"), ts[:10], d.get("key_id"))
+        g = self._group(team, r.model, ts[:10], r.key_id)
         g.requests += 1
-        g.outcomes[0 if 200 <= status < 300 else outcome(status, d.get("error"))] += 1
-        g.prompt_tokens += prompt
-        g.completion_tokens += completion
-        cost = d.get("cost")
-        if cost:
-            g.cost_usd += cost
-        if latency is not None:
-            g.latency.add(latency)
-        if d.get("stream"):
-            ttft = d.get("ttft_ms")
-            if ttft is not None:
-                g.ttft.add(ttft)
+        status = r.status
+        g.outcomes[0 if 200 <= status < 300 else outcome(status, r.error)] += 1
+        g.prompt_tokens += r.prompt_tokens
+        g.completion_tokens += r.completion_tokens
+        if r.cost:
+            g.cost_usd += r.cost
+        g.latency.add(r.latency_ms)
+        if r.stream and r.ttft_ms is not None:
+            g.ttft.add(r.ttft_ms)
         return True
 
     def add_access(self, d: dict) -> bool:
         """An nginx access line; counted only when proxycore did not answer (its own line counts those)."""
         try:
             status = int(d["status"])
-            ts = _utc_text(_parse_ts(d["time"]))
+            ts = _utc_text(parse_timestamp(d["time"]))
             answered_by_proxycore = d["proxied"]
             team, key = d["team"] or None, d["key_id"] or None
             request_time = float(d["request_time"])
@@ -241,15 +228,6 @@ class UsageReport:
 
     def as_json(self) -> dict:
         return {"groups": self.rows(), "skipped_lines": self.skipped.total}
-
-
-def _parse_ts(value: str) -> datetime:
-    if value.endswith("Z"):
-        value = value[:-1] + "+00:00"
-    ts = datetime.fromisoformat(value)
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
 
 
 # ---------------------------------------------------------------- reading
@@ -327,157 +305,15 @@ class Progress:
         sys.stderr.flush()
 
 
-# ---------------------------------------------------------------- output
-
-COLUMNS = ("requests", "ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors",
-           "server_errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "p50_ms", "p95_ms",
-           "ttft_p50_ms")
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.6f}".rstrip("0").rstrip(".") if abs(v) < 1 else f"{v:,.2f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def format_table(report: UsageReport) -> str:
-    header = [*report.by, *COLUMNS]
-    rows = [[_cell(r.get(c)) if c in COLUMNS else ("(no key)" if r[c] is None and c in ("team", "key") else _cell(r[c]))
-             for c in header] for r in report.rows()]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) if i < len(report.by) else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    for row in rows:
-        lines.append("  ".join(v.ljust(w) if i < len(report.by) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
-    lines.append(f"{len(rows)} groups from {report.lines:,} lines; {report.skipped.total} skipped "
-                 f"({report.skipped.partial} partial, {report.skipped.malformed} malformed)")
-    return "\n".join(lines) + "\n"
-
-
-def format_csv(report: UsageReport) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*report.by, *COLUMNS])
-    for r in report.rows():
-        w.writerow(["" if r[c] is None else r[c] for c in (*report.by, *COLUMNS)])
-    return buf.getvalue()
-
-
-def format_json(report: UsageReport) -> str:
-    return orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode() + "\n"
-
-
 def parse_day(value: str, end: bool = False) -> datetime:
     """A date (YYYY-MM-DD) or an ISO timestamp; `--until` of a date includes that whole day."""
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
             d = date.fromordinal(date.fromisoformat(value).toordinal() + (1 if end else 0))
             return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
-        return _parse_ts(value)
+        return parse_timestamp(value)
     except ValueError:
         raise ValueError(f"expected a date like 2026-11-01 or an ISO timestamp, got {value!r}") from None
-
-
-def run_usage(args) -> int:
-    by = tuple(f.strip() for f in args.by.split(",") if f.strip())
-    bad = [f for f in by if f not in GROUP_FIELDS]
-    if bad or not by or len(set(by)) != len(by):
-        print(f"llmgate: --by: expected a comma-separated list of {', '.join(GROUP_FIELDS)}, got {args.by!r}",
-              file=sys.stderr)
-        return 2
-    try:
-        filters = Filters(parse_day(args.since) if args.since else None,
-                          parse_day(args.until, end=True) if args.until else None, args.team)
-    except ValueError as exc:
-        print(f"llmgate: --since/--until: {exc}", file=sys.stderr)
-        return 2
-    try:
-        files = log_files(args.logs or [_default_log_dir(args)])
-    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        print(f"llmgate: {exc}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"llmgate: no usage.jsonl or access.jsonl logs in {', '.join(args.logs or [_default_log_dir(args)])}",
-              file=sys.stderr)
-        return 2
-    report = UsageReport(by, filters)
-    total = sum(p.stat().st_size for p, _ in files)
-    progress = Progress(files) if sys.stderr.isatty() and total > PROGRESS_MIN_BYTES else None
-    read_logs(report, files, progress)
-    if args.budget:
-        try:
-            text = budget_report(args.teams, files)
-        except ConfigError as exc:
-            print(f"llmgate: {exc}", file=sys.stderr)
-            return 2
-    elif args.format == "table":
-        text = format_table(report)
-    elif args.format == "csv":
-        text = format_csv(report)
-    elif args.format == "json":
-        text = format_json(report)
-    else:
-        from controller.usage_html import format_html
-
-        text = format_html(report)
-    if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
-    else:
-        sys.stdout.write(text)
-    if report.skipped.total and args.format != "json":
-        print(f"llmgate: skipped {report.skipped.total} line(s): {', '.join(report.skipped.examples[:5])}"
-              + (" ..." if report.skipped.total > 5 else ""), file=sys.stderr)
-    return 0
-
-
-def budget_report(teams_path: str, files: list[tuple[Path, str]]) -> str:
-    """Each team's month-to-date use against its budget (the same sums proxycore enforces)."""
-    from controller.teams import load_teams
-    from proxycore.quota import Clock, next_month
-
-    teams = load_teams(teams_path)
-    now = Clock().now()
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    report = UsageReport(("team",), Filters(since=start, until=next_month(now)))
-    read_logs(report, [(p, k) for p, k in files if k == "usage"])
-    used = {k[0]: g for k, g in report.groups.items()}
-    header = ("team", "tokens used", "token budget", "tokens %", "USD used", "USD budget", "USD %")
-    rows = []
-    for t in teams.teams:
-        g = used.get(t.name)
-        tokens = g.prompt_tokens + g.completion_tokens if g else 0
-        usd = g.cost_usd if g else 0.0
-        b = t.budget
-        tb = b.tokens_per_month if b else None
-        ub = b.usd_per_month if b else None
-        rows.append((t.name, f"{tokens:,}", f"{tb:,}" if tb else "-", f"{100 * tokens / tb:.1f}" if tb else "-",
-                     f"{usd:,.4f}", f"{ub:,.2f}" if ub else "-", f"{100 * usd / ub:.1f}" if ub else "-"))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.append(f"month to date: {start:%Y-%m-%d} to {now:%Y-%m-%d %H:%M} UTC; budgets reset on {next_month(now):%Y-%m-%d}")
-    return "\n".join(lines) + "\n"
-
-
-def _default_log_dir(args) -> str:
-    teams = getattr(args, "teams", None)
-    if teams and os.path.exists(teams):
-        from controller.teams import load_teams
-
-        try:
-            return load_teams(teams).gateway.log_dir
-        except Exception:  # noqa: BLE001 - the report can still run on ./logs
-            pass
-    return "logs"
 
 
 def month_to_date(usage_log: str, now: datetime) -> dict[str, tuple[int, float]]:
@@ -485,7 +321,7 @@ def month_to_date(usage_log: str, now: datetime) -> dict[str, tuple[int, float]]
     path = Path(usage_log)
     if not path.parent.is_dir():
         return {}
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    start = month_start(now)
     files = [(p, kind) for p, kind in log_files([str(path.parent)]) if kind == "usage" and p.name.startswith(path.name)]
     report = UsageReport(("team",), Filters(since=start))
     read_logs(report, files)

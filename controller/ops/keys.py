@@ -8,7 +8,6 @@ parse to exactly the intended model before it atomically replaces the file.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import dataclasses
 import os
 import re
@@ -16,12 +15,14 @@ import secrets
 import stat
 import sys
 import tempfile
+from pathlib import Path
 
 import yaml
 
-from controller.up import load_saved_secrets
-from controller.teams import KEY_LABEL, TeamKey, TeamsConfig, hash_key, load_teams
-from controller.yamlpath import ConfigError
+from controller.model.teams import KEY_LABEL, TeamKey, TeamsConfig, load_teams
+from controller.model.wire import key_hash
+from controller.model.yamlpath import ConfigError
+from controller.ops.secrets import load_saved_secrets
 
 HASH_PREFIX = re.compile(r"[0-9a-fA-F]{12,64}")
 
@@ -61,7 +62,7 @@ def new_key(path: str, team_name: str, label: str | None) -> tuple[str, TeamKey]
         raise KeyCommandError(f"{path}: team {team_name} has a key named {label} already; "
                               "choose another --name, or revoke that key first")
     plaintext = "sk-" + secrets.token_urlsafe(32)
-    key = TeamKey(hash_key(plaintext), label)
+    key = TeamKey(key_hash(plaintext), label)
     if label is None:
         entry = f"sha256:{key.sha256}"
     else:  # quoted where YAML would read the label as something else (true, 1.5, null)
@@ -76,7 +77,7 @@ def revoke_key(path: str, which: str, team_name: str | None = None) -> tuple[str
     config, text = _load(path)
     if team_name is not None and config.team(team_name) is None:
         raise KeyCommandError(f"{path}: no team {team_name}; check --team")
-    digest = hash_key(which)
+    digest = key_hash(which)
     hex_part = which.removeprefix("sha256:")
     prefix = hex_part.lower() if HASH_PREFIX.fullmatch(hex_part) else None
     matches = [(t.name, i, k) for t in config.teams if team_name in (None, t.name) for i, k in enumerate(t.keys)

@@ -6,7 +6,8 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from html import escape
 
-from controller.usage import COLUMNS, UsageReport, _cell
+from controller.reports.aggregate import UsageReport
+from controller.reports.formats import COLUMNS, cell
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#475569", "#ea580c")
 CHART_W, CHART_H, PAD_L, PAD_B, PAD_T = 900, 320, 70, 60, 20
@@ -72,7 +73,7 @@ def format_html(report: UsageReport) -> str:
         cells = []
         for c in header:
             v = row.get(c)
-            text = "(no key)" if v is None and c in ("team", "key") else _cell(v)
+            text = "(no key)" if v is None and c in ("team", "key") else cell(v)
             cells.append(f'<td class="{"n" if c in COLUMNS else "k"}">{escape(text)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     total_tokens = sum(r["total_tokens"] for r in report.rows())

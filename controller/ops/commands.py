@@ -7,31 +7,31 @@ import os
 import sys
 from pathlib import Path
 
-from controller.edge import CheckError, EdgeReloader, RunLayout, write_rendered
-from controller.render import RenderError
-from controller.up import ensure_secrets, record_reload
-from controller.yamlpath import ConfigError
+from controller.edge.nginx import CheckError, EdgeReloader, RunLayout, live_checksum, write_rendered
+from controller.edge.render import RenderError
+from controller.model.gateway import internal_key
+from controller.model.teams import load_teams
+from controller.model.yamlpath import ConfigError
+from controller.ops.secrets import ensure_secrets
+from controller.ops.up import record_reload
 
 
-def _reloader(args: argparse.Namespace, nginx_pid=None) -> EdgeReloader:
+def _reloader(args: argparse.Namespace, nginx_pid: int | None = None) -> EdgeReloader:
     layout = RunLayout(Path(args.run_dir).resolve())
     ensure_secrets(layout.run_dir)
-    return EdgeReloader(layout, args.config, args.teams, _internal_key(args), nginx_pid=nginx_pid)
-
-
-def _internal_key(args: argparse.Namespace) -> str:
-    from controller.teams import load_teams
-
     try:
-        configured = load_teams(args.teams).gateway.internal_key
+        key = internal_key(load_teams(args.teams))
     except ConfigError:
-        configured = None  # the caller's own load reports the problem
-    return configured or os.environ["LLMGATE_INTERNAL_KEY"]
+        key = internal_key(None)  # the caller's own load reports the file's problem
+    assert key is not None  # ensure_secrets put one in the environment
+    return EdgeReloader(layout, args.config, args.teams, key, nginx_pid=nginx_pid)
 
 
 def run_check(args: argparse.Namespace) -> int:
+    reloader = _reloader(args)
     try:
-        cfg, _ = _reloader(args).check()
+        cfg = reloader.load()
+        reloader.check(cfg)
     except (ConfigError, RenderError, CheckError) as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2
@@ -48,7 +48,8 @@ def run_render(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     reloader = _reloader(args)
     try:
-        cfg, rendered = reloader.load_and_render(out)
+        cfg = reloader.load()
+        rendered = reloader.render(cfg, out)
     except (ConfigError, RenderError) as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2
@@ -56,17 +57,6 @@ def run_render(args: argparse.Namespace) -> int:
     write_rendered(rendered, out)
     print(f"wrote {', '.join(sorted(rendered.files))} to {out} (checksum {rendered.checksum[:12]})")
     return 0
-
-
-def live_checksum_of(args: argparse.Namespace) -> str | None:
-    """What the running nginx serves, as far as its files say (a separate process has no memory of it)."""
-    from controller.edge import live_checksum
-    from controller.teams import load_teams
-
-    try:
-        return live_checksum(load_teams(args.teams).gateway.listen)
-    except ConfigError:
-        return None
 
 
 def run_reload(args: argparse.Namespace) -> int:
@@ -81,8 +71,11 @@ def run_reload(args: argparse.Namespace) -> int:
     if metrics.is_dir():
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics))
     reloader = _reloader(args, nginx_pid=pid)
-    reloader.applied_checksum = live_checksum_of(args)
-    result = reloader.apply()
+    try:  # what the running nginx serves, as far as its files say (this process has no memory of it)
+        reloader.applied_checksum = live_checksum(load_teams(args.teams).gateway.listen)
+    except ConfigError:
+        pass
+    result = reloader.load_and_apply()
     if metrics.is_dir():
         record_reload(result)
     print(f"llmgate: reload: {result.status}: {result.message}", file=sys.stdout if result.ok else sys.stderr)

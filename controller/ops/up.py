@@ -1,6 +1,7 @@
 """`llmgate up`: nginx, proxycore, authsvc and the config watcher as one supervised tree.
 
-Demo backends (fake-vllm) start on loopback api_base ports where no vLLM answers.
+With `--demo`, the built-in demo backend (fake-vllm) starts on loopback api_base ports where
+nothing listens; without it, unreachable deployments are named at start and answer 503.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import argparse
 import asyncio
 import functools
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -19,47 +19,19 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from controller.config import ProxyConfig
-from controller.edge import EdgeReloader, ReloadResult, RunLayout, nginx_binary, wait_for_checksum
-from controller.supervisor import ChildSpec, Supervisor
-from controller.teams import GatewayConfig, hash_key, load_gateway_config
-from controller.yamlpath import ConfigError
+from controller.edge.nginx import EdgeReloader, ReloadResult, RunLayout, nginx_binary, wait_for_checksum
+from controller.model.config import ProxyConfig
+from controller.model.gateway import GatewayConfig, internal_key
+from controller.model.teams import Address, Listen, Team
+from controller.model.wire import key_hash
+from controller.model.yamlpath import ConfigError
+from controller.ops.filewatch import FileWatch
+from controller.ops.secrets import DEMO_KEY_ENV, ensure_secrets, secrets_file
+from controller.ops.serving import wait_for_stop
+from controller.ops.supervisor import Child, ChildSpec, Supervisor
 
-LLMGATE = [sys.executable, "-m", "controller.cli"]
-GENERATED_SECRETS = ("LLMGATE_MASTER_KEY", "LLMGATE_INTERNAL_KEY", "LLMGATE_DEMO_KEY")
-WATCH_DEBOUNCE_MS = 150
-
-
-def _read_secrets(path: Path) -> dict[str, str]:
-    saved: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition("=")
-            if value:
-                saved[name.strip()] = value.strip()
-    return saved
-
-
-def load_saved_secrets(run_dir: Path) -> None:
-    """The keys `llmgate up` generated into run/secrets.env, for commands that read the same files."""
-    for name, value in _read_secrets(run_dir / "secrets.env").items():
-        os.environ.setdefault(name, value)
-
-
-def ensure_secrets(run_dir: Path) -> None:
-    """Keys the gateway needs but the operator did not set: generated once, kept in run/secrets.env (0600)."""
-    path = run_dir / "secrets.env"
-    saved = _read_secrets(path)
-    missing = [n for n in GENERATED_SECRETS if n not in os.environ and n not in saved]
-    for name in missing:
-        saved[name] = "sk-" + secrets.token_urlsafe(32)
-    if missing:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(f"{k}={v}\n" for k, v in saved.items())
-    for name, value in saved.items():
-        os.environ.setdefault(name, value)
+PYTHON = sys.executable  # each child is a program of its own: python -m proxycore | authsvc | fakevllm
+RESTART_FIELDS = ("proxy_listen", "auth_listen", "workers", "key_lookup", "log_dir")
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,13 +46,24 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def demo_backends(config: ProxyConfig) -> dict[int, list[str]]:
-    """Loopback ports in config.yaml where nothing listens: port -> upstream model ids to serve there."""
+def unreachable_backends(config: ProxyConfig) -> dict[tuple[str, int], list[str]]:
+    """(host, port) of api_bases where nothing accepts a connection -> the deployments there."""
+    down: dict[tuple[str, int], list[str]] = {}
+    for d in config.deployments:
+        url = urlsplit(d.api_base)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        if (host, port) in down or not _answers(host, port):
+            down.setdefault((host, port), []).append(d.id)
+    return down
+
+
+def demo_backends(config: ProxyConfig, down: dict[tuple[str, int], list[str]]) -> dict[int, list[str]]:
+    """Loopback http ports in config.yaml where nothing listens: port -> upstream model ids to serve there."""
     wanted: dict[int, list[str]] = {}
     for d in config.deployments:
         url = urlsplit(d.api_base)
         host, port = url.hostname or "", url.port or 80
-        if url.scheme != "http" or not _is_loopback(host) or _answers(host, port):
+        if url.scheme != "http" or not _is_loopback(host) or (host, port) not in down:
             continue
         models = wanted.setdefault(port, [])
         if d.upstream_model not in models:
@@ -88,14 +71,20 @@ def demo_backends(config: ProxyConfig) -> dict[int, list[str]]:
     return wanted
 
 
-class Gateway:
+def listen_args(listen: Listen) -> list[str]:
+    if isinstance(listen, Address):
+        return ["--host", listen.host, "--port", str(listen.port)]
+    return ["--unix", listen.path]
+
+
+class SupervisedGateway:
     """The running tree: children under a supervisor, and the watcher that reloads the edge."""
 
     def __init__(self, args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, internal_key: str):
         self.args, self.cfg, self.layout = args, cfg, layout
         self.sup = Supervisor()
-        self.nginx = None
-        self.dedicated: dict[tuple[str, str], object] = {}  # (team, address) -> its proxycore child
+        self.nginx: Child | None = None
+        self.dedicated: dict[tuple[str, str], Child] = {}  # (team, address) -> its proxycore child
         self.reloader = EdgeReloader(layout, args.config, args.teams, internal_key, nginx_pid=self._nginx_pid)
         self._reload_lock = asyncio.Lock()
         self.started = asyncio.Event()  # the watcher runs from the start; changes before this wait for it
@@ -106,41 +95,50 @@ class Gateway:
 
     async def start(self) -> list[int]:
         gw = self.cfg.teams.gateway
-        demo = demo_backends(self.cfg.proxy) if self.args.demo != "never" else {}
+        down = unreachable_backends(self.cfg.proxy)
+        demo = demo_backends(self.cfg.proxy, down) if self.args.demo else {}
         for port, models in sorted(demo.items()):
-            argv = [*LLMGATE, "fake-vllm", "--port", str(port), "--chunk-delay-ms", "20"]
+            argv = [PYTHON, "-m", "fakevllm", "--port", str(port), "--chunk-delay-ms", "20"]
             for m in models:
                 argv += ["--model", m]
             await self.sup.add(ChildSpec(f"fake-vllm:{port}", argv, ready=r"listening on"))
+        for (host, port), ids in sorted(down.items()):
+            if not (self.args.demo and port in demo and _is_loopback(host)):
+                print(f"llmgate: nothing answers at {host}:{port} yet: deployment(s) {', '.join(ids)} answer 503 "
+                      "until it does" + ("" if self.args.demo else " (llmgate up --demo serves a demo model there)"),
+                      flush=True)
+        assert gw.proxy_listen is not None
         await self.sup.add(ChildSpec("proxycore", self._proxy_argv(gw.proxy_listen, gw.workers), ready=r"listening on"))
         await self.sync_dedicated(self.cfg)
-        if gw.key_lookup == "service" or self.cfg.proxy.database_url:
-            auth = [*LLMGATE, "auth", "--teams", self.args.teams, "--config", self.args.config]
+        if self.cfg.runs_authsvc:
+            assert gw.auth_listen is not None
+            auth = [PYTHON, "-m", "authsvc", "--teams", self.args.teams, "--config", self.args.config,
+                    *listen_args(gw.auth_listen)]
             await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on"))
-        first = self.reloader.initial()
-        if not first.ok:
+        first = self.reloader.initial(self.cfg)
+        if not first.ok or first.checksum is None:
             raise RuntimeError(first.message)
         prefix = self.layout.nginx_prefix
         argv = [nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
         self.nginx = await self.sup.add(ChildSpec("nginx", argv))
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, wait_for_checksum, gw.listen, first.checksum, 15.0):
+        if not await loop.run_in_executor(None, wait_for_checksum, self.reloader.runner, gw.listen, first.checksum, 15.0):
             raise RuntimeError(f"nginx did not start serving on {gw.listen}; see {prefix / 'error.log'}")
         record_reload(first)
         return sorted(demo)
 
-    def _proxy_argv(self, listen, workers: int, only_team: str | None = None) -> list[str]:
+    def _proxy_argv(self, listen: Listen, workers: int, only_team: str | None = None) -> list[str]:
         gw = self.cfg.teams.gateway
-        argv = [*LLMGATE, "proxy", "--config", self.args.config, "--teams", self.args.teams, "--host", listen.host,
-                "--port", str(listen.port), "--workers", str(workers),
-                "--usage-log", os.path.join(gw.log_dir, "usage.jsonl")]
+        argv = [PYTHON, "-m", "proxycore", "--config", self.args.config, "--teams", self.args.teams, *listen_args(listen),
+                "--workers", str(workers), "--usage-log", os.path.join(gw.log_dir, "usage.jsonl")]
         return argv + (["--only-team", only_team] if only_team else [])
 
     async def sync_dedicated(self, cfg: GatewayConfig, stop_extra: bool = True) -> None:
         """Start a proxycore for each dedicated team that has none; stop those no longer wanted."""
-        wanted = {(t.name, str(t.dedicated_listen)): t for t in cfg.teams.dedicated()}
+        wanted: dict[tuple[str, str], Team] = {(t.name, str(t.dedicated_listen)): t for t in cfg.teams.dedicated()}
         for key, team in wanted.items():
             if key not in self.dedicated:
+                assert team.dedicated_listen is not None
                 spec = ChildSpec(f"proxycore:{team.name}", self._proxy_argv(team.dedicated_listen, 1, team.name),
                                  ready=r"listening on")
                 self.dedicated[key] = await self.sup.add(spec)
@@ -148,53 +146,47 @@ class Gateway:
             for key in [k for k in self.dedicated if k not in wanted]:
                 await self.sup.remove(self.dedicated.pop(key))
 
-    def _needs_restart(self) -> str | None:
+    def _needs_restart(self, new: GatewayConfig) -> str | None:
         """A change `llmgate up` cannot apply to running processes, named; None when there is none."""
-        try:
-            new = load_gateway_config(self.args.config, self.args.teams)
-        except ConfigError:
-            return None  # the reload itself reports the file's problem
         old_gw, new_gw = self.cfg.teams.gateway, new.teams.gateway
-        fields = ("proxy_listen", "auth_listen", "workers", "key_lookup", "log_dir")
-        changed = [f"gateway.{f}" for f in fields if getattr(old_gw, f) != getattr(new_gw, f)]
-        if (self.cfg.proxy.database_url is None) != (new.proxy.database_url is None):
+        changed = [f"gateway.{f}" for f in RESTART_FIELDS if getattr(old_gw, f) != getattr(new_gw, f)]
+        if self.cfg.db_mode != new.db_mode:
             changed.append("general_settings.database_url")
         return ", ".join(changed) or None
 
     async def reload(self, reason: str) -> ReloadResult:
-        restart = self._needs_restart()
-        if restart is not None:
-            result = ReloadResult("failed", f"kept the previous config: {restart} changed, which takes a restart of "
-                                  "llmgate up (the running processes cannot move); restart it to apply")
-            record_reload(result)
-            print(f"llmgate: reload ({reason}): {result.status}: {result.message}", flush=True)
-            return result
+        """Load both files once; the same model goes to the dedicated instances and to the renderer."""
+        await self.started.wait()
         async with self._reload_lock:
-            try:  # new dedicated instances must serve before nginx sends them traffic
-                await self.sync_dedicated(load_gateway_config(self.args.config, self.args.teams), stop_extra=False)
-            except (ConfigError, RuntimeError):
-                pass  # the reload below reports a bad file; a child that cannot start is retried by the supervisor
-            result = await asyncio.get_running_loop().run_in_executor(None, self.reloader.apply)
-            if result.ok and self.reloader.current is not None:
-                await self.sync_dedicated(self.reloader.current)
+            result = await self._reload()
         record_reload(result)
-        if result.ok and self.reloader.current is not None:
-            self.cfg = self.reloader.current
         print(f"llmgate: reload ({reason}): {result.status}: {result.message}", flush=True)
         return result
 
-    async def watch(self) -> None:
-        from watchfiles import awatch
+    async def _reload(self) -> ReloadResult:
+        loop = asyncio.get_running_loop()
+        try:
+            cfg = await loop.run_in_executor(None, self.reloader.load)
+        except ConfigError as exc:
+            return ReloadResult("failed", f"kept the previous config: {exc}")
+        restart = self._needs_restart(cfg)
+        if restart is not None:
+            return ReloadResult("failed", f"kept the previous config: {restart} changed, which takes a restart of "
+                                "llmgate up (the running processes cannot move); restart it to apply")
+        try:  # new dedicated instances must serve before nginx sends them traffic
+            await self.sync_dedicated(cfg, stop_extra=False)
+        except RuntimeError:
+            pass  # a child that cannot start is retried by the supervisor
+        result = await loop.run_in_executor(None, self.reloader.apply, cfg)
+        if result.ok:
+            await self.sync_dedicated(cfg)
+            self.cfg = cfg
+        return result
 
-        paths = {os.path.abspath(self.args.config), os.path.abspath(self.args.teams)}
+    def watched_files(self) -> list[str]:
         # renewed TLS certificates reload nginx too (their paths as of the start)
-        paths |= {os.path.abspath(p) for c in self.cfg.teams.gateway.certificates for p in (c.cert, c.key)}
-        dirs = {os.path.dirname(p) for p in paths}
-        async for changes in awatch(*dirs, watch_filter=lambda _c, p: os.path.abspath(p) in paths,
-                                    debounce=WATCH_DEBOUNCE_MS, step=50, recursive=False):
-            await self.started.wait()
-            names = ", ".join(sorted({os.path.basename(p) for _, p in changes}))
-            await self.reload(f"{names} changed")
+        certs = [p for c in self.cfg.teams.gateway.certificates for p in (c.cert, c.key)]
+        return [self.args.config, self.args.teams, *certs]
 
 
 @functools.cache
@@ -253,7 +245,7 @@ def record_reload(result: ReloadResult) -> None:
         config_hash.set(int(result.checksum[:12], 16))
 
 
-def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_file: Path) -> None:
+def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_path: Path) -> None:
     gw = cfg.teams.gateway
     host = gw.listen.loopback_host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{gw.listen.port}"
@@ -261,17 +253,16 @@ def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_file: Path) -> No
              f"models: {', '.join(cfg.proxy.model_names())}; teams: {', '.join(t.name for t in cfg.teams.teams) or 'none'}"]
     if demo_ports:
         lines.append(f"no vLLM answered on port(s) {', '.join(map(str, demo_ports))}: the built-in demo backend serves there")
-    demo_key = os.environ.get("LLMGATE_DEMO_KEY", "")
-    index = cfg.teams.key_index()
-    owner = index.get(hash_key(demo_key)) if demo_key else None
+    demo_key = os.environ.get(DEMO_KEY_ENV, "")
+    owner = cfg.teams.key_index().get(key_hash(demo_key)) if demo_key else None
     if owner is not None:
         team = owner[0]
         model = (team.models or cfg.proxy.model_names())[0]
         # The key is read from its file by the shell, so it never lands in a terminal log.
         lines += [
-            f"try it with the demo key of team {team.name} (kept in {secrets_file}):",
+            f"try it with the demo key of team {team.name} (kept in {secrets_path}):",
             f"  curl -s {base}/v1/chat/completions \\",
-            f"       -H \"Authorization: Bearer $(sed -n 's/^LLMGATE_DEMO_KEY=//p' {secrets_file})\" \\",
+            f"       -H \"Authorization: Bearer $(sed -n 's/^{DEMO_KEY_ENV}=//p' {secrets_path})\" \\",
             f"       -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
         ]
     else:
@@ -280,17 +271,10 @@ def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_file: Path) -> No
     print("\n".join(lines), flush=True)
 
 
-async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, internal_key: str) -> int:
-    gateway = Gateway(args, cfg, layout, internal_key)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    # logrotate: proxycore and nginx reopen their logs; nothing else writes one
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.sup.signal_all(
-        signal.SIGUSR1, lambda name: name == "nginx" or name.startswith("proxycore")))
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload("SIGHUP")))
-    watcher = asyncio.ensure_future(gateway.watch())  # before anything starts: no edit goes unseen
+async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, key: str) -> int:
+    gateway = SupervisedGateway(args, cfg, layout, key)
+    watch = FileWatch(gateway.watched_files(), gateway.reload)
+    watcher = asyncio.ensure_future(watch.run())  # before anything starts: no edit goes unseen
     try:
         demo_ports = await gateway.start()
     except RuntimeError as exc:
@@ -299,9 +283,11 @@ async def _run(args: argparse.Namespace, cfg: GatewayConfig, layout: RunLayout, 
         await gateway.sup.stop()
         return 1
     gateway.started.set()
-    _banner(gateway.cfg, demo_ports, layout.run_dir / "secrets.env")
+    _banner(gateway.cfg, demo_ports, secrets_file(layout.run_dir))
     follower = asyncio.ensure_future(count_nginx_rate_limits(Path(gateway.cfg.teams.gateway.log_dir) / "access.jsonl"))
-    await stop.wait()
+    # logrotate: the processes that write a log reopen it; nothing else gets the signal
+    await wait_for_stop(on_hup=lambda: watch.trigger("SIGHUP"), on_usr1=lambda: gateway.sup.signal_all(
+        signal.SIGUSR1, lambda name: name == "nginx" or name.startswith("proxycore")))
     print("llmgate: stopping", flush=True)
     watcher.cancel()
     follower.cancel()
@@ -318,11 +304,12 @@ def run_up(args: argparse.Namespace) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(layout.metrics_dir)
     (layout.run_dir / "llmgate.pid").write_text(f"{os.getpid()}\n")
     try:
-        cfg = load_gateway_config(args.config, args.teams)
+        cfg = layout.load(args.config, args.teams)
     except ConfigError as exc:
         print(f"llmgate: {exc}", file=sys.stderr)
         return 2
-    internal_key = cfg.teams.gateway.internal_key or os.environ["LLMGATE_INTERNAL_KEY"]
+    key = internal_key(cfg.teams)
+    assert key is not None  # ensure_secrets put one in the environment
     import uvloop
 
-    return uvloop.run(_run(args, cfg, layout, internal_key))
+    return uvloop.run(_run(args, cfg, layout, key))

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.teams import DOMAIN_LABEL, SAFE_PATH
+from controller.model.teams import DOMAIN_LABEL, SAFE_PATH
 
 CA_DAYS = 3650
 MAX_DAYS = 3650

@@ -11,19 +11,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from controller.edge import EdgeReloader, ReloadResult, RunLayout, live_checksum, wait_for_checksum
-from controller.render import RenderedConfig, render_nginx_conf
-from controller.teams import Address, GatewayConfig, load_gateway_config, load_teams
-from controller.yamlpath import ConfigError
+from controller.edge.nginx import EdgeReloader, ReloadResult, RunLayout, live_checksum, wait_for_checksum
+from controller.model.gateway import INTERNAL_KEY_ENV, GatewayConfig, internal_key
+from controller.model.teams import load_teams
+from controller.model.yamlpath import ConfigError
+from controller.ops.filewatch import FileWatch
+from controller.ops.serving import wait_for_stop
 
 START_TIMEOUT_S = 60.0  # nginx's container polls for its first nginx.conf, then starts
-WATCH_DEBOUNCE_MS = 150
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,6 @@ class SidecarLayout(RunLayout):
         return prefix / "work"
 
 
-class SidecarReloader(EdgeReloader):
-    """EdgeReloader whose live config names the njs module as the serving nginx sees it.
-
-    The staging copy keeps this container's own module, because this container's nginx tests it.
-    """
-
-    def __init__(self, layout: SidecarLayout, config_path: str, teams_path: str, internal_key: str,
-                 nginx_pid: Callable[[], int | None], js_module: str | None):
-        super().__init__(layout, config_path, teams_path, internal_key, nginx_pid=nginx_pid)
-        self.js_module = js_module
-
-    def load_and_render(self, prefix: Path) -> tuple[GatewayConfig, RenderedConfig]:
-        cfg = load_gateway_config(self.config_path, self.teams_path)
-        module = self.js_module if prefix == self.layout.nginx_prefix else None
-        return cfg, render_nginx_conf(cfg, str(prefix), self.internal_key, js_module=module,
-                                      work_dir=str(self.layout.work_dir(prefix)))
-
-
 def pid_reader(pid_file: Path) -> Callable[[], int | None]:
     """nginx's master PID from its pid file, or None when it names no process this one may signal."""
 
@@ -73,98 +55,82 @@ def pid_reader(pid_file: Path) -> Callable[[], int | None]:
     return read
 
 
-def _listen(teams_path: str) -> Address | None:
-    try:
-        return load_teams(teams_path).gateway.listen
-    except ConfigError:
-        return None
-
-
 class Sidecar:
-    def __init__(self, args: argparse.Namespace, reloader: SidecarReloader):
+    def __init__(self, args: argparse.Namespace, reloader: EdgeReloader):
         self.args, self.reloader = args, reloader
         self.pid_file = Path(args.nginx_pid_file)
         self._lock = asyncio.Lock()
 
     def apply(self) -> ReloadResult:
         """One pass, blocking: the first config when nginx waits for one, else a verified reload."""
-        listen = _listen(self.args.teams)
-        served = live_checksum(listen) if listen is not None else None
-        if self.reloader.nginx_pid() is None:
+        waiting = self.reloader.nginx_pid() is None if callable(self.reloader.nginx_pid) else False
+        try:
+            cfg = self.reloader.load()
+        except ConfigError as exc:
+            return ReloadResult("failed", str(exc) if waiting else f"kept the previous config: {exc}")
+        listen = cfg.teams.gateway.listen
+        served = live_checksum(listen)
+        if waiting:
             if served is not None:
                 return ReloadResult("failed", f"kept the previous config: nginx answers on {listen} but "
                                               f"{self.pid_file} names no process this sidecar can signal "
                                               "(compose: pid: \"service:nginx\" and the same user as nginx)")
-            return self._first()
+            return self._first(cfg)
         if self.reloader.applied_checksum is None:  # this sidecar (re)started beside a serving nginx
             self.reloader.applied_checksum = served
-        return self.reloader.apply()
+        return self.reloader.apply(cfg)
 
-    def _first(self) -> ReloadResult:
-        result = self.reloader.initial()
-        if not result.ok or self.reloader.current is None or result.checksum is None:
+    def _first(self, cfg: GatewayConfig) -> ReloadResult:
+        result = self.reloader.initial(cfg)
+        if not result.ok or result.checksum is None:
             return result
-        listen = self.reloader.current.teams.gateway.listen
-        if wait_for_checksum(listen, result.checksum, START_TIMEOUT_S):
+        listen = cfg.teams.gateway.listen
+        if wait_for_checksum(self.reloader.runner, listen, result.checksum, START_TIMEOUT_S):
             return ReloadResult("applied", f"nginx serves config {result.checksum[:12]}", result.checksum)
         self.reloader.applied_checksum = None
         error_log = self.reloader.layout.nginx_prefix / "error.log"
         return ReloadResult("failed", f"wrote {self.reloader.layout.nginx_prefix / 'nginx.conf'}, but nginx did not "
                                       f"serve it on {listen} within {START_TIMEOUT_S:.0f} s; see {error_log}")
 
-    async def reload(self, reason: str) -> ReloadResult:
+    async def reload(self, reason: str) -> None:
         async with self._lock:
             result = await asyncio.get_running_loop().run_in_executor(None, self.apply)
         stream = sys.stdout if result.ok else sys.stderr
         print(f"llmgate: reload ({reason}): {result.status}: {result.message}", file=stream, flush=True)
-        return result
-
-    async def watch(self, started: asyncio.Event) -> None:
-        from watchfiles import awatch
-
-        paths = {os.path.abspath(self.args.config), os.path.abspath(self.args.teams)}
-        dirs = {os.path.dirname(p) for p in paths}
-        async for changes in awatch(*dirs, watch_filter=lambda _c, p: os.path.abspath(p) in paths,
-                                    debounce=WATCH_DEBOUNCE_MS, step=50, recursive=False):
-            await started.wait()
-            names = ", ".join(sorted({os.path.basename(p) for _, p in changes}))
-            await self.reload(f"{names} changed")
 
 
 async def _run(sidecar: Sidecar) -> int:
-    stop = asyncio.Event()
     started = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(sidecar.reload("SIGHUP")))
-    watcher = asyncio.ensure_future(sidecar.watch(started))  # before the first render: no edit goes unseen
+
+    async def on_change(reason: str) -> None:
+        await started.wait()
+        await sidecar.reload(reason)
+
+    watch = FileWatch([sidecar.args.config, sidecar.args.teams], on_change)
+    watcher = asyncio.ensure_future(watch.run())  # before the first render: no edit goes unseen
     await sidecar.reload("start")  # a failure is logged; the next edit of either file tries again
     started.set()
     print(f"llmgate: sidecar watching {sidecar.args.config} and {sidecar.args.teams} for "
           f"nginx in {sidecar.reloader.layout.nginx_prefix}", flush=True)
-    await stop.wait()
+    await wait_for_stop(on_hup=lambda: watch.trigger("SIGHUP"))
     watcher.cancel()
     return 0
 
 
-def _internal_key(teams_path: str) -> str | None:
-    try:
-        configured = load_teams(teams_path).gateway.internal_key
-    except ConfigError:
-        configured = None  # the first reload reports the problem
-    return configured or os.environ.get("LLMGATE_INTERNAL_KEY") or None
-
-
 def run_sidecar(args: argparse.Namespace) -> int:
-    internal_key = _internal_key(args.teams)
-    if internal_key is None:
+    try:
+        key = internal_key(load_teams(args.teams))
+    except ConfigError:
+        key = internal_key(None)  # the first reload reports the file's problem
+    if key is None:
         # Never generated here: proxycore, in another container, must hold the same key.
-        print("llmgate: sidecar: set LLMGATE_INTERNAL_KEY (compose/.env) or gateway.internal_key in "
+        print(f"llmgate: sidecar: set {INTERNAL_KEY_ENV} (compose/.env) or gateway.internal_key in "
               f"{args.teams}; proxycore needs the same key", file=sys.stderr)
         return 2
     layout = SidecarLayout(Path(args.run_dir).resolve(), Path(args.nginx_prefix).resolve())
     layout.run_dir.mkdir(parents=True, exist_ok=True)
-    reloader = SidecarReloader(layout, args.config, args.teams, internal_key,
-                               nginx_pid=pid_reader(Path(args.nginx_pid_file)), js_module=args.js_module)
-    return asyncio.run(_run(Sidecar(args, reloader)))
+    reloader = EdgeReloader(layout, args.config, args.teams, key, nginx_pid=pid_reader(Path(args.nginx_pid_file)),
+                            js_module=args.js_module)
+    import uvloop
+
+    return uvloop.run(_run(Sidecar(args, reloader)))

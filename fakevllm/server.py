@@ -1,4 +1,4 @@
-"""A fake vLLM OpenAI-compatible server (`llmgate fake-vllm`) for tests, demos and benchmarks.
+"""A fake vLLM OpenAI-compatible server (`llmgate fake-vllm`, `python -m fakevllm`) for tests, demos and benchmarks.
 
 It answers like `vllm serve` (checked against vLLM's `vllm/entrypoints/openai/` sources, v0.10.1+),
 quirks included: errors nested under "error"; pydantic-style validation errors typed "Bad Request";
@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import os
 import random
-import signal
 import struct
 import sys
 import time
@@ -37,6 +36,8 @@ from typing import Any
 import orjson
 import uvloop
 from aiohttp import web
+
+from controller.ops.serving import wait_for_stop
 
 DEFAULT_MODEL = "llama-3.1-8b-instruct"
 VLLM_VERSION = "0.11.0+fake"
@@ -113,7 +114,7 @@ class FakeVLLM:
 FAKE = web.AppKey("fake_vllm", FakeVLLM)
 
 
-class ApiError(Exception):
+class VllmError(Exception):
     """An error answered as vLLM's ErrorResponse: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, err_type: str, param: str | None = None) -> None:
@@ -142,15 +143,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def _request_error(field_name: str, kind: str, msg: str, param: str | None = None) -> ApiError:
+def _request_error(field_name: str, kind: str, msg: str, param: str | None = None) -> VllmError:
     # FastAPI's RequestValidationError as vLLM renders it: 400, type "Bad Request", pydantic's words.
     message = f"[{{'type': '{kind}', 'loc': ('body', '{field_name}'), 'msg': '{msg}'}}]"
-    return ApiError(400, message, "Bad Request", param)
+    return VllmError(400, message, "Bad Request", param)
 
 
-def _bad_request(message: str, param: str | None = None) -> ApiError:
+def _bad_request(message: str, param: str | None = None) -> VllmError:
     # vLLM's create_error_response default: what the serving layer rejects after parsing.
-    return ApiError(400, message, "BadRequestError", param)
+    return VllmError(400, message, "BadRequestError", param)
 
 
 # --- request fields, coerced the way pydantic's lax mode does --------------------------------
@@ -243,7 +244,7 @@ def _served_model(fake: FakeVLLM, body: dict) -> str:
     if model is not None and type(model) is not str:
         raise _request_error("model", "string_type", "Input should be a valid string")
     if model and model not in fake.models:
-        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        raise VllmError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
     return fake.models[0]
 
 
@@ -271,14 +272,14 @@ def _completion_length(prompt_tokens: int, max_tokens: int | None) -> tuple[int,
 
 async def _json_body(request: web.Request) -> dict:
     if request.content_type != "application/json":
-        raise ApiError(400, "[\"Unsupported Media Type: Only 'application/json' is allowed\"]", "Bad Request")
+        raise VllmError(400, "[\"Unsupported Media Type: Only 'application/json' is allowed\"]", "Bad Request")
     raw = await request.read()
     if not raw:
         return _not_an_object()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(
+        raise VllmError(
             400, f"[{{'type': 'json_invalid', 'loc': ('body', {exc.pos}), 'msg': 'JSON decode error'}}]", "Bad Request"
         ) from None
     if not isinstance(body, dict):
@@ -287,7 +288,7 @@ async def _json_body(request: web.Request) -> dict:
 
 
 def _not_an_object() -> dict:
-    raise ApiError(
+    raise VllmError(
         400,
         "[{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a valid dictionary or "
         "object to extract fields from'}]",
@@ -372,12 +373,12 @@ async def _fault_response(fake: FakeVLLM, request: web.Request, streaming: bool)
     mode = fake.config.mode
     if mode == "normal":
         if fake.config.fail_rate > 0 and fake.rng.random() < fake.config.fail_rate:
-            return ApiError(500, "Internal server error", "InternalServerError").response()
+            return VllmError(500, "Internal server error", "InternalServerError").response()
         return None
     if mode == "error-500":
-        return ApiError(500, "Internal server error", "InternalServerError").response()
+        return VllmError(500, "Internal server error", "InternalServerError").response()
     if mode == "error-429":
-        return ApiError(429, "Too many requests, please retry later.", "Too Many Requests").response()
+        return VllmError(429, "Too many requests, please retry later.", "Too Many Requests").response()
     if mode == "garbage":
         return web.Response(body=GARBAGE_BODY, content_type="application/json")
     if mode == "hang":
@@ -793,7 +794,7 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
     if path.startswith("/fake/"):
         try:
             return await handler(request)
-        except ApiError as error:
+        except VllmError as error:
             return error.response()
     fake = request.app[FAKE]
     stats = fake.stats  # a /fake/reset while this request runs leaves the new counters alone
@@ -807,7 +808,7 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
             response: web.StreamResponse = _json({"error": "Unauthorized"}, status=401)
         else:
             response = await handler(request)
-    except ApiError as error:
+    except VllmError as error:
         response = error.response()
     except web.HTTPException as exc:  # unknown route, wrong method, body too large
         response = _json({"detail": exc.reason}, status=exc.status)
@@ -818,7 +819,7 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
         stats.cancelled += 1
         return gone.response
     except Exception as exc:  # a bug here must still look like a server error, not a traceback
-        response = ApiError(500, f"{type(exc).__name__}: {exc}", "InternalServerError").response()
+        response = VllmError(500, f"{type(exc).__name__}: {exc}", "InternalServerError").response()
     finally:
         stats.in_flight -= 1
     stats.completed += 1
@@ -884,14 +885,10 @@ async def _serve_until_signalled(app: web.Application, host: str, port: int) -> 
     except OSError as exc:
         print(f"fake-vllm: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"fake-vllm listening on http://{shown_host}:{bound_port} models={','.join(app[FAKE].models)}", flush=True)
     try:
-        await stop.wait()
+        await wait_for_stop()
     finally:
         await runner.cleanup()
     return 0

@@ -7,11 +7,14 @@ Keys llmgate does not support are collected and reported in one warning.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from urllib.parse import urlsplit
 
-from controller.yamlpath import ConfigError, Node, load_yaml_file
+from controller.model import scalars
+from controller.model.yamlpath import ConfigError, Node, load_yaml_file
 
 ROUTING_STRATEGIES = (
     "simple-shuffle",
@@ -108,17 +111,15 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
     if general is not None:
         general.expect_mapping()
         unsupported += general.unknown_keys(_GENERAL_KEYS)
-        master_key = general.opt("master_key", _string)
+        master_key = general.opt("master_key", scalars.string)
         if master_key == "":
             raise general.child("master_key").error("a non-empty key", "set it or remove the line")
-        mb = general.opt("max_request_size_mb", _positive_number)
+        mb = general.opt("max_request_size_mb", scalars.positive_number)
         if mb is not None:
             max_request_bytes = int(mb * 1024 * 1024)
-        health_check_interval = general.opt("health_check_interval", _positive_number) or 30.0
-        database_url = general.opt("database_url", _string)
+        health_check_interval = general.opt("health_check_interval", scalars.positive_number) or 30.0
+        database_url = general.opt("database_url", scalars.string)
         if database_url is not None:
-            from authsvc.store import parse_database_url
-
             try:
                 parse_database_url(database_url)
             except ValueError as exc:
@@ -174,7 +175,7 @@ def _parse_router(node: Node | None, unsupported: list[str]) -> RouterSettings:
         return RouterSettings()
     node.expect_mapping()
     unsupported += node.unknown_keys(_ROUTER_KEYS)
-    strategy = node.opt("routing_strategy", _string, "simple-shuffle")
+    strategy = node.opt("routing_strategy", scalars.string, "simple-shuffle")
     if strategy not in ROUTING_STRATEGIES:
         raise node.child("routing_strategy").error(
             f"one of {', '.join(ROUTING_STRATEGIES)}", "pick a supported strategy")
@@ -184,14 +185,14 @@ def _parse_router(node: Node | None, unsupported: list[str]) -> RouterSettings:
         # LiteLLM's shape: [{"model-a": ["model-b", "model-c"]}, ...]
         for item in fb.sequence_items():
             for name, targets in item.mapping_items():
-                fallbacks[name] = tuple(t.scalar_of(_string) for t in targets.sequence_items())
+                fallbacks[name] = tuple(t.scalar_of(scalars.string) for t in targets.sequence_items())
     return RouterSettings(
         routing_strategy=strategy,
-        num_retries=node.opt("num_retries", _non_negative_int, 2),
-        retry_after=node.opt("retry_after", _non_negative_number, 0.0),
-        allowed_fails=node.opt("allowed_fails", _positive_int, 3),
-        cooldown_time=node.opt("cooldown_time", _non_negative_number, 5.0),
-        timeout=node.opt("timeout", _positive_number),
+        num_retries=node.opt("num_retries", scalars.non_negative_whole, 2),
+        retry_after=node.opt("retry_after", scalars.non_negative_number, 0.0),
+        allowed_fails=node.opt("allowed_fails", scalars.positive_whole, 3),
+        cooldown_time=node.opt("cooldown_time", scalars.non_negative_number, 5.0),
+        timeout=node.opt("timeout", scalars.positive_number),
         fallbacks=fallbacks,
     )
 
@@ -199,13 +200,13 @@ def _parse_router(node: Node | None, unsupported: list[str]) -> RouterSettings:
 def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupported: list[str]) -> Deployment:
     node.expect_mapping()
     unsupported += node.unknown_keys({"model_name", "litellm_params", "model_info"})
-    model_name = node.req("model_name", _string)
+    model_name = node.req("model_name", scalars.string)
     params = node.child("litellm_params")
     if params.value is None:
         raise params.error("a mapping with at least `model` and `api_base`", "add litellm_params: {model: hosted_vllm/<model>, api_base: http://host:8000/v1}")
     params.expect_mapping()
     unsupported += params.unknown_keys(_PARAM_KEYS)
-    model = params.req("model", _string)
+    model = params.req("model", scalars.string)
     for prefix in PROVIDER_PREFIXES:
         if model.startswith(prefix):
             upstream = model[len(prefix):]
@@ -215,13 +216,13 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
             "a model with a `hosted_vllm/` or `openai/` prefix", f"write hosted_vllm/{model.split('/', 1)[-1]}")
     if not upstream:
         raise params.child("model").error("a model id after the provider prefix", "e.g. hosted_vllm/meta-llama/Llama-3.1-8B-Instruct")
-    api_base = params.req("api_base", _string).rstrip("/")
+    api_base = params.req("api_base", scalars.string).rstrip("/")
     if not api_base.startswith(("http://", "https://")):
         raise params.child("api_base").error("a URL starting with http:// or https://", "e.g. http://127.0.0.1:8000/v1")
     if not api_base.endswith("/v1"):
         # LiteLLM appends nothing for hosted_vllm; a base without /v1 gives 404s from vLLM.
         api_base += "/v1"
-    api_key = params.opt("api_key", _string_or_none)
+    api_key = params.opt("api_key", scalars.optional_string)
     info = node.get("model_info")
     info_cost_in = info_cost_out = None
     mode = None
@@ -229,97 +230,31 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
     if info is not None:
         info.expect_mapping()
         unsupported += info.unknown_keys(_MODEL_INFO_KEYS)
-        dep_id = info.opt("id", _string, dep_id)
-        mode = info.opt("mode", _string)
-        info_cost_in = info.opt("input_cost_per_token", _non_negative_number)
-        info_cost_out = info.opt("output_cost_per_token", _non_negative_number)
-    timeout = params.opt("timeout", _positive_number) or router.timeout or 600.0
+        dep_id = info.opt("id", scalars.string, dep_id)
+        mode = info.opt("mode", scalars.string)
+        info_cost_in = info.opt("input_cost_per_token", scalars.non_negative_number)
+        info_cost_out = info.opt("output_cost_per_token", scalars.non_negative_number)
+    timeout = params.opt("timeout", scalars.positive_number) or router.timeout or 600.0
     return Deployment(
         id=dep_id,
         model_name=model_name,
         upstream_model=upstream,
         api_base=api_base,
         api_key=api_key or None,
-        weight=params.opt("weight", _positive_number),
-        rpm=params.opt("rpm", _positive_int),
-        tpm=params.opt("tpm", _positive_int),
-        order=params.opt("order", _positive_int),
+        weight=params.opt("weight", scalars.positive_number),
+        rpm=params.opt("rpm", scalars.positive_whole),
+        tpm=params.opt("tpm", scalars.positive_whole),
+        order=params.opt("order", scalars.positive_whole),
         timeout=timeout,
-        stream_timeout=params.opt("stream_timeout", _positive_number),
-        max_retries=params.opt("max_retries", _non_negative_int),
-        input_cost_per_token=info_cost_in if info_cost_in is not None else (params.opt("input_cost_per_token", _non_negative_number) or 0.0),
-        output_cost_per_token=info_cost_out if info_cost_out is not None else (params.opt("output_cost_per_token", _non_negative_number) or 0.0),
+        stream_timeout=params.opt("stream_timeout", scalars.positive_number),
+        max_retries=params.opt("max_retries", scalars.non_negative_whole),
+        input_cost_per_token=info_cost_in if info_cost_in is not None else (params.opt("input_cost_per_token", scalars.non_negative_number) or 0.0),
+        output_cost_per_token=info_cost_out if info_cost_out is not None else (params.opt("output_cost_per_token", scalars.non_negative_number) or 0.0),
         mode=mode,
     )
 
 
-# ---------------------------------------------------------------- scalar checks
-# Each takes the raw YAML value and returns the typed value, or raises ValueError(expected).
-
-Check = Callable[[Any], Any]
-
-
-def _string(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-        raise ValueError("a string")
-    return str(v)
-
-
-def _string_or_none(v: Any) -> str | None:
-    return None if v is None else _string(v)
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError("a number")
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            raise ValueError("a number") from None
-    if not isinstance(v, (int, float)):
-        raise ValueError("a number")
-    return float(v)
-
-
-def _positive_number(v: Any) -> float:
-    n = _number(v)
-    if n <= 0:
-        raise ValueError("a number greater than 0")
-    return n
-
-
-def _non_negative_number(v: Any) -> float:
-    n = _number(v)
-    if n < 0:
-        raise ValueError("a number of 0 or more")
-    return n
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError("a whole number")
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        return int(v)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    raise ValueError("a whole number")
-
-
-def _positive_int(v: Any) -> int:
-    n = _int(v)
-    if n <= 0:
-        raise ValueError("a whole number greater than 0")
-    return n
-
-
-def _non_negative_int(v: Any) -> int:
-    n = _int(v)
-    if n < 0:
-        raise ValueError("a whole number of 0 or more")
-    return n
+# ---------------------------------------------------------------- checks of config.yaml's own
 
 
 def _bool_or_path(v: Any) -> bool | str:
@@ -334,3 +269,47 @@ def _bool_or_path(v: Any) -> bool | str:
         return v
     raise ValueError("true, false or the path of a CA bundle")
 
+
+# ---------------------------------------------------------------- database URLs (DB mode)
+
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    kind: str  # "sqlite" or "postgresql"
+    target: str  # the SQLite file path, or the libpq URL
+    shown: str  # for messages: no password
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+def parse_database_url(url: str) -> DatabaseUrl:
+    """`sqlite:///relative.db`, `sqlite:////absolute/path.db` or `postgresql://user:pw@host:port/db`.
+
+    ValueError, saying what is expected, for anything else.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("expected a database URL: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB")
+    url = url.strip()
+    if url.startswith("sqlite:"):
+        if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
+            raise ValueError(f"expected sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}")
+        path = url[len("sqlite:///"):]
+        if path == ":memory:":
+            raise ValueError("an in-memory SQLite database is not shared between connections; give a file")
+        return DatabaseUrl("sqlite", path, url)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("postgresql", "postgres"):
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"the port in the database URL is not a number: {redact_url(url)}") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError(f"the database URL names no host: {redact_url(url)}")
+        shown = f"postgresql://{parts.hostname or ''}{f':{port}' if port else ''}{parts.path}"
+        return DatabaseUrl("postgresql", url, shown)
+    raise ValueError(f"unsupported database URL scheme {scheme!r}: expected sqlite:///PATH or postgresql://...")
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)

@@ -1,0 +1,504 @@
+"""The hot path: a chat completion, completion or embedding from the request's body to its last byte.
+
+`proxy_inference` reads top to bottom: who is asking, read and check the body, admission (limits.py),
+pick a deployment (retrying and falling back), relay the answer, then one usage line, the metrics and
+the settlement of what the request was charged. A refusal or failure is an `ApiError`, caught once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import HttpVersion11, web
+
+from controller.model.usage_record import Clock, UsageRecord, usage_timestamp
+from controller.model.wire import KEY_POLICY_HEADER, REQUEST_ID_HEADER, KeyPolicy
+from proxycore import metrics
+from proxycore.errors import ApiError, error_response, upstream_error_message
+from proxycore.limits import Charge, admit_key, admit_team, check_model
+from proxycore.live import LiveConfig, ServedConfig, authenticate
+from proxycore.meters import Meters
+from proxycore.router import DeploymentState, ModelGroup, pick_deployment
+from proxycore.upstream import UpstreamClient, UpstreamError, UpstreamProtocolError, UpstreamResponse, UpstreamTimeout
+from proxycore.usage_log import UsageLog
+
+LIVE = web.AppKey("live", LiveConfig)
+HTTP = web.AppKey("http", UpstreamClient)
+USAGE = web.AppKey("usage", UsageLog)
+METERS = web.AppKey("meters", Meters)
+CLOCK = web.AppKey("clock", Clock)
+
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_BACKOFF_BASE_S = 0.05
+_BACKOFF_CAP_S = 2.0
+_ERROR_BODY_LIMIT = 64 * 1024
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+_CLIENT_HIGH_WATER = 256 * 1024  # bytes waiting for a slow client before the backend's stream is paused
+_REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+UNAUTHORIZED = "Invalid or missing API key. Send `Authorization: Bearer <key>`."
+POLICY_UNREADABLE = "The key's policy could not be read; try again."
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request as it moves through proxycore; becomes the usage-log line."""
+
+    request_id: str
+    kind: str
+    team: str | None
+    key_id: str | None
+    started: float
+    model: str | None = None
+    stream: bool = False
+    routed: bool = False  # the model is a configured one
+    deployment: DeploymentState | None = None
+    holding: bool = False  # an attempt is counted in its deployment's in-flight
+    status: int = 0
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    retries: int = 0
+    fallback: str | None = None
+    key_policy: KeyPolicy | None = None  # a virtual key's limits (DB mode)
+    charges: list[Charge] = field(default_factory=list)  # what limits.py holds for this request
+
+
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _request_id(request: web.Request) -> str:
+    rid = request.headers.get(REQUEST_ID_HEADER)
+    if rid and _REQUEST_ID_OK.fullmatch(rid):
+        return rid
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"  # unique per process, 32 hex digits like a uuid
+
+
+def key_policy(request: web.Request, key_id: str | None) -> KeyPolicy | None:
+    """A virtual key's policy from authsvc (via nginx); ApiError when one was sent but cannot be read."""
+    header = request.headers.get(KEY_POLICY_HEADER)
+    if not header or key_id is None:
+        return None
+    policy = KeyPolicy.from_header(header)
+    if policy is None:
+        raise ApiError(401, POLICY_UNREADABLE, "invalid_api_key")
+    return policy
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "completions")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy_inference(request, "embeddings")
+
+
+async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse:
+    app = request.app
+    served = app[LIVE].served
+    ok, team, key_id = authenticate(request, served)
+    ex = Exchange(_request_id(request), kind, team, key_id, time.monotonic())
+    try:
+        if not ok:
+            raise ApiError(401, UNAUTHORIZED, "invalid_api_key")
+        if served.only_team is not None and team != served.only_team:
+            raise ApiError(403, f"This proxycore serves team `{served.only_team}` only.", "wrong_instance")
+        body = await _read_body(request, kind, served)
+        ex.model = body["model"]
+        ex.stream = body.get("stream") is True
+        if ex.stream and request.version < HttpVersion11:
+            raise ApiError(505, "Streamed answers need HTTP/1.1 (chunked transfer); send the request over HTTP/1.1 "
+                           "or without `stream`.", "http_version_not_supported")
+        group = served.groups.get(ex.model)
+        if group is None:
+            raise ApiError(404, f"The model `{ex.model}` does not exist. Available models: "
+                           f"{', '.join(served.models_for(team)) or 'none'}.", "model_not_found", "model")
+        ex.routed = True
+        check_model(served, team, ex.model)
+        meters = app.get(METERS)
+        policy = served.teams.get(team) if team else None
+        body_bytes = request.content_length or 0
+        if policy is not None and meters is not None:
+            ex.charges.append(admit_team(meters, policy, body, body_bytes, kind))
+        ex.key_policy = key_policy(request, key_id)
+        if ex.key_policy is not None:
+            if meters is None:
+                raise ApiError(401, POLICY_UNREADABLE, "invalid_api_key")
+            admit_key(meters, ex.key_policy, team, ex.model, body, body_bytes, kind, ex.charges)
+        if ex.stream:
+            return await _relay_stream(request, served, body, group, ex)
+        return await _relay_unary(request, served, body, group, ex)
+    except ApiError as refusal:
+        ex.status, ex.error = refusal.status, refusal.code
+        return refusal.response({REQUEST_ID_HEADER: ex.request_id})
+    except (asyncio.CancelledError, ConnectionResetError):
+        ex.status, ex.error = 499, "client_closed_request"  # nginx's name for it
+        raise
+    finally:
+        _release(ex, answered=ex.status == 200)
+        _record(app, ex)
+
+
+async def _read_body(request: web.Request, kind: str, served: ServedConfig) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit_mb = served.config.max_request_bytes / (1024 * 1024)
+        raise ApiError(413, f"Request body is larger than the limit of {limit_mb:g} MB "
+                       "(general_settings.max_request_size_mb).", "request_too_large") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"The body is not valid UTF-8 JSON: {exc}.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object.", "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required and must be a string.", "invalid_type", "model")
+    required = _REQUIRED_FIELD[kind]
+    value = body.get(required)
+    if kind == "chat":
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+            raise ApiError(400, "`messages` must be a non-empty list of message objects.", "invalid_type", "messages")
+    elif not isinstance(value, (str, list)) or isinstance(value, list) and not value:
+        raise ApiError(400, f"`{required}` is required and must be a string or a non-empty list.",
+                       "invalid_type", required)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "`stream` must be true or false.", "invalid_type", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        v = body.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ApiError(400, f"`{name}` must be a non-negative integer.", "invalid_type", name)
+    return body
+
+
+# ---------------------------------------------------------------- deployments: pick, retry, fall back
+
+def _attempt_plan(served: ServedConfig, group: ModelGroup) -> list[ModelGroup]:
+    """The model group, then its fallbacks in order."""
+    plan = [group]
+    for name in served.config.router.fallbacks.get(group.name, ()):
+        fb = served.groups.get(name)
+        if fb is not None and fb is not group:
+            plan.append(fb)
+    return plan
+
+
+def _hold(ex: Exchange, dep: DeploymentState, now: float) -> None:
+    dep.started(now)
+    metrics.in_flight(dep.d.id).inc()
+    ex.deployment, ex.holding = dep, True
+
+
+def _release(ex: Exchange, answered: bool) -> None:
+    """End the current attempt's accounting at its deployment (exactly once per attempt)."""
+    if not ex.holding:
+        return
+    ex.holding = False
+    dep = ex.deployment
+    assert dep is not None
+    dep.finished(time.monotonic(), ex.ttft_s if answered else None, ex.prompt_tokens + ex.completion_tokens)
+    metrics.in_flight(dep.d.id).dec()
+
+
+def _attempt_failed(served: ServedConfig, ex: Exchange, kind: str) -> None:
+    _release(ex, answered=False)
+    dep = ex.deployment
+    assert dep is not None
+    metrics.BACKEND_ERRORS.labels(dep.d.id, kind).inc()
+    r = served.config.router
+    if dep.failed(time.monotonic(), r.allowed_fails, r.cooldown_time):
+        metrics.DEPLOYMENT_UP.labels(dep.d.id).set(0)
+
+
+async def _call_upstream(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+                         ex: Exchange) -> tuple[UpstreamResponse, bytes | None]:
+    """POST to deployments until one answers with a status we pass on (not 5xx, not 429).
+
+    Non-streaming bodies are read here too, so a response that breaks off is retried as well:
+    nothing has reached the client yet. Streams return with the body unread.
+    """
+    session = request.app[HTTP]
+    router = served.config.router
+    strategy = router.routing_strategy
+    last: ApiError | None = None
+    for plan_index, g in enumerate(_attempt_plan(served, group)):
+        tried: set[DeploymentState] = set()
+        allowed: int | None = None
+        for attempt in itertools.count():
+            now = time.monotonic()
+            dep = pick_deployment(g, strategy, tried, now) or pick_deployment(g, strategy, frozenset(), now)
+            if dep is None:
+                last = last or ApiError(
+                    503, f"No deployment of `{g.name}` is available (all cooling down after failures); retry shortly.",
+                    "no_deployment_available", headers={"Retry-After": str(max(1, round(router.cooldown_time)))})
+                break
+            if allowed is None:
+                allowed = 1 + (dep.d.max_retries if dep.d.max_retries is not None else router.num_retries)
+            if attempt >= allowed:
+                break
+            if last is not None:
+                ex.retries += 1
+                delay = max(router.retry_after, _BACKOFF_BASE_S * 2 ** (ex.retries - 1))
+                await asyncio.sleep(min(_BACKOFF_CAP_S, delay) * random.uniform(0.5, 1.0))
+                now = time.monotonic()
+            tried.add(dep)
+            ex.fallback = g.name if plan_index else None
+            body["model"] = dep.d.upstream_model
+            headers = dict(dep.headers)
+            headers[REQUEST_ID_HEADER] = ex.request_id
+            _hold(ex, dep, now)
+            try:
+                wait = dep.stream_idle_timeout if ex.stream else dep.unary_timeout
+                resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=orjson.dumps(body),
+                                             connect_timeout=dep.connect_timeout, first_byte_timeout=wait,
+                                             read_timeout=wait)
+                if resp.status >= 500 or resp.status == 429:
+                    last = await _failure_from_status(resp, dep, g)
+                    _attempt_failed(served, ex, "status_429" if resp.status == 429 else "status_5xx")
+                    continue
+                if ex.stream:
+                    return resp, None
+                return resp, await resp.read()
+            except UpstreamTimeout:
+                last = ApiError(504, f"Deployment `{dep.d.id}` of `{g.name}` timed out before answering.",
+                                "backend_timeout")
+                _attempt_failed(served, ex, "timeout")
+            except UpstreamError as exc:
+                last = ApiError(503, f"Could not reach deployment `{dep.d.id}` of `{g.name}`: "
+                                f"{type(exc).__name__}.", "backend_unreachable")
+                _attempt_failed(served, ex, "connect")
+    assert last is not None
+    raise last
+
+
+async def _failure_from_status(resp: UpstreamResponse, dep: DeploymentState, g: ModelGroup) -> ApiError:
+    raw = b""
+    try:
+        async for piece in resp:
+            raw += piece
+            if len(raw) >= _ERROR_BODY_LIMIT:
+                break
+    except UpstreamError:
+        pass
+    finally:
+        resp.release()
+    message, _, _ = upstream_error_message(raw)
+    if resp.status == 429:
+        return ApiError(429, f"Every deployment of `{g.name}` is busy: {message}", "rate_limit_exceeded",
+                        headers={"Retry-After": resp.headers.get("retry-after", "1")})
+    return ApiError(502, f"Deployment `{dep.d.id}` of `{g.name}` failed with {resp.status}: {message}",
+                    "backend_error")
+
+
+def _passthrough_error(resp_status: int, raw: bytes, ex: Exchange) -> web.Response:
+    """A backend's own 4xx (bad parameters and the like), reshaped as an OpenAI error."""
+    message, type_, param = upstream_error_message(raw)
+    ex.status, ex.error = resp_status, "backend_rejected"
+    return error_response(resp_status, message, None, param, type_, headers={REQUEST_ID_HEADER: ex.request_id})
+
+
+# ---------------------------------------------------------------- relaying the answer
+
+async def _relay_unary(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+                       ex: Exchange) -> web.Response:
+    resp, raw = await _call_upstream(request, served, body, group, ex)
+    assert raw is not None and ex.deployment is not None
+    ex.ttft_s = time.monotonic() - ex.started
+    if resp.status != 200:
+        return _passthrough_error(resp.status, raw, ex)
+    try:
+        usage = orjson.loads(raw).get("usage") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        _attempt_failed(served, ex, "invalid_response")
+        raise ApiError(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
+                       "backend_invalid_response") from None
+    _take_usage(ex, usage)
+    ex.status = 200
+    return web.Response(body=raw, headers={"Content-Type": resp.headers.get("content-type", "application/json"),
+                                           REQUEST_ID_HEADER: ex.request_id})
+
+
+async def _relay_stream(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+                        ex: Exchange) -> web.StreamResponse:
+    options = body.get("stream_options")
+    # vLLM's include_usage defaults to true once stream_options is present at all.
+    strip_usage = options is None or options.get("include_usage", True) is not True
+    if strip_usage:
+        options = options or {}
+        # Ask for usage so that we can log it; the client never sees the extra chunk.
+        body["stream_options"] = {**options, "include_usage": True}
+    resp, _ = await _call_upstream(request, served, body, group, ex)
+    assert ex.deployment is not None
+    dep_id = ex.deployment.d.id
+    try:
+        if resp.status != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            raw = await resp.read()
+            if resp.status == 200:
+                _attempt_failed(served, ex, "invalid_response")
+                raise ApiError(502, f"Deployment `{dep_id}` answered a stream request without an event stream.",
+                               "backend_invalid_response")
+            return _passthrough_error(resp.status, raw, ex)
+        out = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: ex.request_id})
+        await out.prepare(request)
+        request.writer.send_headers()  # the events below go straight to the transport
+        ex.status = 200
+        relay = _SseRelay(request.transport, ex, strip_usage)
+        try:
+            await resp.pipe(relay.feed, request.writer.drain)
+            relay.finish()
+            if not relay.saw_done:
+                raise UpstreamProtocolError("the stream ended without data: [DONE]")
+        except UpstreamError as exc:
+            # Bytes already reached the client: no retry, and never a fake [DONE].
+            ex.status, ex.error = 502, "backend_stream_broken"
+            metrics.BACKEND_ERRORS.labels(dep_id, "stream_broken").inc()
+            message = f"The backend stream from deployment `{dep_id}` broke off: {type(exc).__name__}."
+            await out.write(b"data: " + orjson.dumps({"error": {"message": message, "type": "server_error",
+                                                                 "param": None, "code": 502}}) + b"\n\n")
+        await out.write_eof()
+        return out
+    finally:
+        resp.close()  # on a client disconnect this drops the upstream connection, so vLLM aborts the request
+
+
+class _SseRelay:
+    """Server-sent events from the backend to the client, event by event, as the backend's bytes arrive.
+
+    Runs inside the upstream connection's protocol (no task switch per chunk) and writes HTTP/1.1 chunks
+    straight to the client's transport (HTTP/1.0 clients of streams were refused with 505). Holds an
+    incomplete event back so that the usage-only chunk can be recognised whole; everything else passes
+    byte for byte.
+    """
+
+    __slots__ = ("transport", "ex", "strip_usage", "pending", "saw_done")
+
+    def __init__(self, transport, ex: Exchange, strip_usage: bool):
+        self.transport, self.ex, self.strip_usage = transport, ex, strip_usage
+        self.pending = b""
+        self.saw_done = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """One piece from the backend; True when the client's side is full (the backend waits then)."""
+        ex = self.ex
+        if ex.ttft_s is None:
+            ex.ttft_s = time.monotonic() - ex.started
+        data = self.pending + chunk if self.pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return False
+        end += 2
+        if end == len(data):  # the usual case: whole events only, nothing to copy
+            events, self.pending = data, b""
+        else:
+            events, self.pending = data[:end], data[end:]
+        if b'"usage":{' in events:
+            events = _take_stream_usage(events, ex, self.strip_usage)
+        if b"data: [DONE]" in events:
+            self.saw_done = True
+        return self._send(events)
+
+    def finish(self) -> None:
+        if self.pending:
+            self.saw_done = self.saw_done or b"data: [DONE]" in self.pending
+            self._send(self.pending)
+            self.pending = b""
+
+    def _send(self, events: bytes) -> bool:
+        transport = self.transport
+        if not events or transport is None or transport.is_closing():
+            return False  # a client that left: the handler is being cancelled, which closes the upstream
+        transport.write(b"%x\r\n%b\r\n" % (len(events), events))
+        return transport.get_write_buffer_size() > _CLIENT_HIGH_WATER
+
+
+def _take_stream_usage(events: bytes, ex: Exchange, strip_usage: bool) -> bytes:
+    """Capture usage from the usage-only chunk (`"choices":[]`); drop that chunk if we added it."""
+    kept = []
+    for event in events.split(b"\n\n"):
+        if event.startswith(b"data: {") and b'"usage":{' in event:
+            try:
+                payload = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                kept.append(event)
+                continue
+            usage = payload.get("usage") if isinstance(payload, dict) else None
+            if isinstance(usage, dict):
+                _take_usage(ex, usage)
+            if strip_usage and payload.get("choices") == []:
+                continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
+def _take_usage(ex: Exchange, usage: dict) -> None:
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    ex.prompt_tokens = p if isinstance(p, int) else 0
+    ex.completion_tokens = c if isinstance(c, int) else 0
+
+
+# ---------------------------------------------------------------- accounting
+
+def _record(app: web.Application, ex: Exchange) -> None:
+    """The request's metrics, the settlement of its charges, and its usage line (the answer is built by now)."""
+    latency = time.monotonic() - ex.started
+    model = ex.model or ""
+    dep = ex.deployment.d if ex.deployment is not None else None
+    prompt, completion = ex.prompt_tokens, ex.completion_tokens
+    cost = prompt * dep.input_cost_per_token + completion * dep.output_cost_per_token if dep is not None else 0.0
+    # Label only configured models: a client must not be able to mint new series.
+    m = metrics.series(ex.team or "", model if ex.routed else "")
+    m.requests(ex.status).inc()
+    m.duration.observe(latency)
+    if ex.ttft_s is not None and ex.stream:
+        m.ttft.observe(ex.ttft_s)
+    if prompt or completion:
+        m.input_tokens.inc(prompt)
+        m.output_tokens.inc(completion)
+        if cost:
+            m.cost.inc(cost)
+    now = app[CLOCK].now()
+    for charge in ex.charges:
+        charge.settle(prompt + completion, cost, now)
+    usage = app.get(USAGE)
+    if usage is None:
+        return
+    usage.write(UsageRecord(
+        ts=usage_timestamp(now),
+        request_id=ex.request_id,
+        team=ex.team,
+        key_id=ex.key_id,
+        key_hash=ex.key_policy.key_hash if ex.key_policy else None,
+        model=ex.model,
+        endpoint=ex.kind,
+        deployment=dep.id if dep else None,
+        status=ex.status,
+        stream=ex.stream,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cost=round(cost, 10),
+        latency_ms=round(latency * 1000, 3),
+        ttft_ms=round(ex.ttft_s * 1000, 3) if ex.ttft_s is not None else None,
+        retries=ex.retries,
+        fallback=ex.fallback,
+        error=ex.error,
+    ))

@@ -1,0 +1,134 @@
+"""Every admission decision proxycore makes, and its settlement when the answer ends.
+
+Before a request goes to a backend: the team's model allow-list, the team's monthly budget and
+tokens per minute, and a virtual key's models, budget, requests per minute, tokens per minute and
+parallel requests. (Requests per minute of a team are nginx's `limit_req`, decided at the edge.)
+Each limit that holds the request takes a `Charge`; when the answer ends, `settle` replaces the
+up-front token estimate by the real use and adds the month's use for budgets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from controller.model.teams import Budget, Team
+from controller.model.usage_record import month_id, next_month
+from controller.model.wire import KeyPolicy
+from proxycore import metrics
+from proxycore.errors import ApiError
+from proxycore.live import ServedConfig
+from proxycore.meters import Meter, Meters
+
+PROMPT_BYTES_PER_TOKEN = 4  # the up-front estimate of a prompt: its request body's bytes / 4
+DEFAULT_COMPLETION_ESTIMATE = 256  # charged up front when a request sets no max_tokens
+
+
+@dataclass(slots=True)
+class Charge:
+    """What one request holds against one meter (a team's or a virtual key's) until its answer ends."""
+
+    meter: Meter
+    minute: int = 0
+    tokens: int = 0  # charged to `minute` up front
+    in_flight: bool = False  # counted against the key's parallel requests
+    budget_of: Team | None = None  # a team: the month's use is added to its meter, for its budget
+
+    def settle(self, tokens: int, cost: float, now: datetime) -> None:
+        meter = self.meter
+        if self.tokens:
+            meter.reconcile(self.minute, tokens - self.tokens)
+        if self.in_flight:
+            meter.leave()
+        team = self.budget_of
+        if team is not None and (tokens or cost):
+            used_tokens, used_usd = meter.add(month_id(now), tokens, cost)
+            if team.budget is not None:
+                metrics.budget_used(team.name, _budget_ratio(team.budget, used_tokens, used_usd))
+
+
+def _budget_ratio(b: Budget, tokens: int, usd: float) -> float:
+    return max(tokens / b.tokens_per_month if b.tokens_per_month else 0.0,
+               usd / b.usd_per_month if b.usd_per_month else 0.0)
+
+
+def tokens_up_front(body: dict, body_bytes: int, kind: str) -> int:
+    """What a request is charged against a TPM limit before it runs: its prompt estimate and its max_tokens."""
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    completion = 0 if kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+    return body_bytes // PROMPT_BYTES_PER_TOKEN + completion
+
+
+def check_model(served: ServedConfig, team: str | None, model: str) -> None:
+    """The team's allow-list of teams.yaml (403)."""
+    allowed = served.allowed_models(team)
+    if allowed is not None and model not in allowed:
+        raise ApiError(403, f"Team `{team}` may not use model `{model}`. Allowed: "
+                       f"{', '.join(sorted(allowed)) or 'none'}.", "model_not_allowed", "model")
+
+
+def admit_team(meters: Meters, team: Team, body: dict, body_bytes: int, kind: str) -> Charge:
+    """Refuse a team over its monthly budget or its tokens per minute; else charge the minute up front."""
+    meter = meters.meter(team.name)
+    charge = Charge(meter, budget_of=team)
+    now = meters.clock.now()
+    budget = team.budget
+    if budget is not None:
+        tokens, usd = meter.month_used(month_id(now))
+        over_tokens = budget.tokens_per_month is not None and tokens >= budget.tokens_per_month
+        over_usd = budget.usd_per_month is not None and usd >= budget.usd_per_month
+        if over_tokens or over_usd:
+            metrics.rate_limit_hit(team.name, "budget")
+            used = (f"{tokens:,} of its {budget.tokens_per_month:,} tokens" if over_tokens
+                    else f"${usd:,.2f} of its ${budget.usd_per_month:,.2f}")
+            raise ApiError(429, f"Team `{team.name}` has used {used} for {now:%B %Y}; the budget resets on "
+                           f"{next_month(now):%Y-%m-%d} 00:00 UTC.", "insufficient_quota",
+                           type_="insufficient_quota", headers={"x-should-retry": "false"})
+    if team.tpm is not None:
+        tokens_now = tokens_up_front(body, body_bytes, kind)
+        minute = meters.minute()
+        if not meter.reserve(minute, tokens_now, team.tpm):
+            metrics.rate_limit_hit(team.name, "tpm")
+            wait = meters.seconds_to_next_minute()
+            raise ApiError(429, f"Team `{team.name}` reached its limit of {team.tpm:,} tokens per minute; "
+                           f"retry in {wait} s.", "rate_limit_exceeded", type_="tokens",
+                           headers={"Retry-After": str(wait)})
+        charge.minute, charge.tokens = minute, tokens_now
+    return charge
+
+
+def admit_key(meters: Meters, policy: KeyPolicy, team: str | None, model: str, body: dict, body_bytes: int,
+              kind: str, charges: list[Charge]) -> None:
+    """A virtual key's own limits (DB mode): models, budget, requests per minute, tokens per minute, parallel.
+
+    The key's charge joins `charges` as soon as it holds something, so that a later refusal releases it.
+    """
+    if policy.models is not None and model not in policy.models:
+        raise ApiError(403, f"This key may not use model `{model}`. Allowed: "
+                       f"{', '.join(sorted(policy.models)) or 'none'}.", "model_not_allowed", "model")
+    if policy.max_budget is not None and policy.spend >= policy.max_budget:
+        metrics.rate_limit_hit(team or "", "key_budget")
+        raise ApiError(429, f"This key has spent ${policy.spend:,.4f} of its ${policy.max_budget:,.2f} budget.",
+                       "insufficient_quota", type_="insufficient_quota", headers={"x-should-retry": "false"})
+    charge = Charge(meters.meter(policy.meter_name))
+    charges.append(charge)
+    minute = meters.minute()
+    if policy.rpm is not None and not charge.meter.count_request(minute, policy.rpm):
+        metrics.rate_limit_hit(team or "", "key_rpm")
+        wait = meters.seconds_to_next_minute()
+        raise ApiError(429, f"This key reached its limit of {policy.rpm} requests per minute; retry in {wait} s.",
+                       "rate_limit_exceeded", type_="requests", headers={"Retry-After": str(wait)})
+    if policy.tpm is not None:
+        tokens_now = tokens_up_front(body, body_bytes, kind)
+        if not charge.meter.reserve(minute, tokens_now, policy.tpm):
+            metrics.rate_limit_hit(team or "", "key_tpm")
+            wait = meters.seconds_to_next_minute()
+            raise ApiError(429, f"This key reached its limit of {policy.tpm:,} tokens per minute; retry in {wait} s.",
+                           "rate_limit_exceeded", type_="tokens", headers={"Retry-After": str(wait)})
+        charge.minute, charge.tokens = minute, tokens_now
+    if policy.parallel is not None:
+        if not charge.meter.enter(policy.parallel):
+            metrics.rate_limit_hit(team or "", "key_parallel")
+            raise ApiError(429, f"This key already has {policy.parallel} requests in flight; retry when one ends.",
+                           "rate_limit_exceeded", type_="requests", headers={"Retry-After": "1"})
+        charge.in_flight = True
