@@ -30,7 +30,7 @@ test-deps: system-deps
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk; }
 
 up: venv system-deps
-	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml
+	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml --demo
 
 test: venv test-deps
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ import hmac
 import math
 import re
 import time
+from importlib import resources
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from authsvc.keydb.records import KeyRecord, SpendLogRecord, StoreUnavailable, T
 from authsvc.keydb.store import Store
 from controller.model.wire import same_key
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates" / "ui"
+TEMPLATES_DIR = Path(str(resources.files("llmgate_templates"))) / "ui"  # templates/ui, shipped as package data
 UI_PAGE_SIZE = 50
 SESSION_SECONDS = 12 * 3600
 SESSION_COOKIE = "llmgate_ui"

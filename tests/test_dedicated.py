@@ -41,7 +41,7 @@ def test_team_a_is_served_only_by_its_own_instance(spawn, tmp_path, lookup):
     gw = start_gateway(spawn, tmp_path, TEAMS, lookup=lookup)
     kids = children(gw.svc.pid)
     own = next(pid for pid, args in kids.items() if "--only-team team-a" in args)
-    shared = next(pid for pid, args in kids.items() if " proxy " in args and "--only-team" not in args)
+    shared = next(pid for pid, args in kids.items() if "-m proxycore " in args and "--only-team" not in args)
     assert status(gw, KEY_A) == 200 and status(gw, KEY_B) == 200
     lines = [json.loads(x) for x in (gw.log_dir / "usage.jsonl").read_text().splitlines()]
     assert [x["team"] for x in lines] == ["team-a", "team-b"]  # usage stays attributed to the team

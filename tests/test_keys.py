@@ -229,3 +229,12 @@ def test_revoke_refusals_leave_the_file_alone(teams_file: Path, args: list[str],
     assert message in result.stderr
     assert "sk-not-a-key" not in result.stdout + result.stderr, "a plaintext key is never echoed"
     assert teams_file.read_text() == TEAMS_YAML
+
+
+def test_revoke_with_an_undecodable_argument_is_a_refusal_not_a_crash(teams_file: Path):
+    """The shell hands Python undecodable bytes as surrogates: the key hash takes them back as they were sent."""
+    result = subprocess.run([*[a.encode() for a in LLMGATE], b"key", b"revoke", b"--teams", str(teams_file).encode(),
+                             b"sk-\xff\xfe-not-utf8"], cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert b"no key of any team matches" in result.stderr and b"Traceback" not in result.stderr
+    assert teams_file.read_text() == TEAMS_YAML

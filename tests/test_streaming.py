@@ -128,3 +128,28 @@ def test_stream_request_rejected_by_backend_is_an_openai_error(setup):
     with pytest.raises(openai.BadRequestError) as info:
         list(sdk(setup).chat.completions.create(model=MODEL, messages=MESSAGES, temperature="hot", stream=True))
     assert info.value.status_code == 400
+
+
+def _http10(base: str, body: dict) -> bytes:
+    """One request over HTTP/1.0, read to the end (the server closes)."""
+    host, port = base.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                  + payload)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_http10_clients_get_no_chunk_framing(setup):
+    """Streams are chunked, which HTTP/1.0 does not know: a clear 505; a whole answer goes through as usual."""
+    streamed = _http10(setup["base"], {"model": MODEL, "messages": MESSAGES, "stream": True})
+    head, _, body = streamed.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 505") or head.startswith(b"HTTP/1.1 505"), head
+    assert json.loads(body)["error"]["code"] == "http_version_not_supported"
+    whole = _http10(setup["base"], {"model": MODEL, "messages": MESSAGES})
+    head, _, body = whole.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0] and json.loads(body)["object"] == "chat.completion"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 
-from support import http, sha256_hex, start_gateway, wait_until
+from support import (LLMGATE, free_port, http, launch_gateway, start_fake_vllm, start_gateway, wait_until,
+                     write_config)
 
 TEAMS = """  demo:
     keys: [os.environ/LLMGATE_DEMO_KEY]
@@ -53,7 +55,7 @@ def test_crashed_children_are_restarted(spawn, tmp_path):
             return False
 
     kids = children(gw.svc.pid)
-    proxy = next(pid for pid, args in kids.items() if " proxy " in args)
+    proxy = next(pid for pid, args in kids.items() if "-m proxycore " in args)
     nginx = next(pid for pid, args in kids.items() if "nginx" in args)
     os.kill(proxy, signal.SIGKILL)
     assert wait_until(lambda: "proxycore exited" in gw.svc.output, timeout=5)
@@ -92,3 +94,36 @@ def test_sigusr1_reopens_logs_without_restarting_anything(spawn, tmp_path):
     assert wait_until(lambda: (gw.log_dir / "usage.jsonl").exists(), timeout=5)
     assert "exited" not in gw.svc.output
     assert set(children(gw.svc.pid)) == set(before)
+
+
+def test_two_gateways_on_one_machine_need_no_ports_but_their_own(spawn, tmp_path):
+    """proxycore and authsvc listen on unix sockets of their run by default: nothing else to choose."""
+    _, api_base = start_fake_vllm(spawn)
+    bases = []
+    for name in ("one", "two"):
+        directory = tmp_path / name
+        directory.mkdir()
+        port = free_port()
+        write_config(directory / "config.yaml", [{"model_name": "llama-3.1-8b-instruct", "api_base": api_base}])
+        (directory / "teams.yaml").write_text(f"gateway:\n  listen: 127.0.0.1:{port}\n  key_lookup: service\n"
+                                              f"teams:\n{TEAMS}")
+        svc = launch_gateway(spawn, directory)
+        assert "proxycore unix:" in svc.output, svc.output
+        bases.append((f"http://127.0.0.1:{port}", directory))
+    body = {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    for base, directory in bases:
+        key = (directory / "run" / "secrets.env").read_text().split("LLMGATE_DEMO_KEY=")[1].split()[0]
+        assert http("POST", base + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"}).status == 200
+
+
+def test_a_taken_port_is_one_line_that_names_the_setting(spawn, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "config.yaml", [{"model_name": "m", "api_base": "http://127.0.0.1:9/v1"}])
+        run = subprocess.run([*LLMGATE, "proxy", "--config", str(cfg), "--port", str(port)], capture_output=True,
+                             text=True, timeout=30)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    line = [x for x in run.stderr.splitlines() if "cannot listen" in x]
+    assert len(line) == 1 and f"127.0.0.1:{port}" in line[0] and "gateway.proxy_listen" in line[0], run.stderr

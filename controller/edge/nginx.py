@@ -198,8 +198,9 @@ class EdgeReloader:
 
     def __init__(self, layout: RunLayout, config_path: str, teams_path: str, internal_key: str,
                  nginx_pid: "int | Callable[[], int | None] | None" = None, runner: NginxRunner | None = None,
-                 js_module: str | None = None):
+                 js_module: str | None = None, verify_timeout: float = VERIFY_TIMEOUT_S):
         self.layout, self.config_path, self.teams_path = layout, config_path, teams_path
+        self.verify_timeout = verify_timeout
         self.internal_key, self.nginx_pid = internal_key, nginx_pid
         self.runner: NginxRunner = runner or SystemNginx()
         self.local_js_module = find_js_module()
@@ -280,7 +281,7 @@ class EdgeReloader:
             if previous is not None:
                 write_rendered(RenderedConfig(previous, ""), prefix)
             return ReloadResult("failed", "kept the previous config: nginx is not running")
-        if wait_for_checksum(self.runner, listen, live.checksum):
+        if wait_for_checksum(self.runner, listen, live.checksum, self.verify_timeout):
             self.current, self.applied_checksum = cfg, live.checksum
             return ReloadResult("applied", f"nginx serves config {live.checksum[:12]}", live.checksum)
         # nginx -s reload "succeeds" even when the master rejects the new config (DESIGN fact 5).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from importlib import resources
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,8 @@ from controller.model.openai_errors import EDGE_ERRORS
 from controller.model.teams import Address, Listen, Team
 from controller.model.wire import dedicated_internal_key
 
-ASSETS = Path(__file__).resolve().parent.parent.parent  # templates/ and nginx/ beside the packages
-TEMPLATES = ASSETS / "templates"
-STATIC = ASSETS / "nginx"
+TEMPLATES = Path(str(resources.files("llmgate_templates")))  # templates/ of the checkout, or its installed copy
+STATIC = Path(str(resources.files("llmgate_nginx")))  # nginx/
 DEFAULT_JS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's and nginx.org's packages
 CHECKSUM_PLACEHOLDER = "@@LLMGATE_CONFIG_CHECKSUM@@"
 _QUOTABLE = re.compile(r"[A-Za-z0-9_.:/@+=~\[\]-]*")

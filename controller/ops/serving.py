@@ -43,9 +43,12 @@ class ListenError(Exception):
 def bind_unix(path: str) -> socket.socket:
     """A listening unix socket at `path` (a stale one from a crashed run is replaced), readable by nginx's workers."""
     try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
