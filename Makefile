@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 APT    := DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: up test bench venv system-deps test-deps clean
+.PHONY: up test lint bench venv system-deps test-deps clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,12 @@ test-deps: system-deps
 up: venv system-deps
 	$(BIN)/llmgate up --config compose/config.yaml --teams compose/teams.yaml --demo
 
-test: venv test-deps
+# ruff (lint, import order) and mypy (controller/, authsvc/, proxycore/), configured in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: venv test-deps lint
 	$(BIN)/python -m pytest -q
 
 bench: venv system-deps

@@ -14,14 +14,13 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from authsvc.keydb.records import (Conflict, KeyRecord, StoreError, StoreUnavailable, TeamRecord, parse_duration,
-                                   parse_time)
+from authsvc.keydb.records import Conflict, KeyRecord, StoreError, StoreUnavailable, TeamRecord, parse_duration, parse_time
 from authsvc.keydb.store import MAX_PAGE_SIZE, Store
 from controller.model import scalars
 from controller.model.openai_errors import error_body
@@ -349,7 +348,7 @@ def _query_time(text: str | None, name: str, end: bool) -> datetime | None:
         return None
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            day = datetime.combine(date.fromisoformat(text), datetime.min.time(), timezone.utc)
+            day = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
             return day + timedelta(days=1) if end else day
         return parse_time(text)
     except ValueError:

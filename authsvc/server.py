@@ -60,7 +60,7 @@ class KeyIndex:
     usage_log: str
 
     @classmethod
-    def from_teams(cls, config: TeamsConfig) -> "KeyIndex":
+    def from_teams(cls, config: TeamsConfig) -> KeyIndex:
         keys = {sha: KnownKey(sha, {TEAM_HEADER: team.name, KEY_ID_HEADER: key.key_id})
                 for sha, (team, key) in config.key_index().items()}
         return cls(keys, len(config.teams), config.gateway.auth_listen,
@@ -245,7 +245,7 @@ async def _run_key_database(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     try:
         await asyncio.wait_for(task, 5.0)
-    except (asyncio.CancelledError, asyncio.TimeoutError):
+    except (TimeoutError, asyncio.CancelledError):
         pass
     await asyncio.to_thread(database.close)
 

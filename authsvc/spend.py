@@ -226,7 +226,7 @@ class UsageLogFollower:
     there) and copytruncate (the file shrank: read it from the start). Lines are idempotent by request id.
     """
 
-    def __init__(self, path: str, writer: "SpendWriter", store: SpendStore, interval: float = 0.2):
+    def __init__(self, path: str, writer: SpendWriter, store: SpendStore, interval: float = 0.2):
         self.path, self.writer, self.store, self.interval = path, writer, store, interval
         self._prefixes: dict[str, str | None] = {}
 
@@ -251,7 +251,7 @@ class UsageLogFollower:
                 if followed is not None:
                     followed.file.close()
 
-    def _reopen_if_rotated(self, current: "_Followed | None", retired: list) -> "_Followed | None":
+    def _reopen_if_rotated(self, current: _Followed | None, retired: list) -> _Followed | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -269,7 +269,7 @@ class UsageLogFollower:
             log.warning("spend: cannot open %s: %s", self.path, exc)
             return None
 
-    async def _read(self, followed: "_Followed", since: str | None) -> None:
+    async def _read(self, followed: _Followed, since: str | None) -> None:
         while True:
             data = followed.file.read(1 << 20)
             if not data:
@@ -293,7 +293,7 @@ class _Followed:
         self.file, self.inode, self.pending = file, inode, b""
 
 
-async def follow_usage_log(store: SpendStore, path: str, writer: "SpendWriter") -> None:
+async def follow_usage_log(store: SpendStore, path: str, writer: SpendWriter) -> None:
     """Replay what the store may have missed, then follow the log until cancelled."""
     latest = await asyncio.to_thread(store.latest_spend_time)
     since = latest - REPLAY_MARGIN if latest else None

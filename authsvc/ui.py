@@ -11,16 +11,15 @@ import hmac
 import math
 import re
 import time
+from datetime import UTC, datetime
 from importlib import resources
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from aiohttp import web
 
-from authsvc.admin import (ADMIN, KEY_FIELDS, TEAM_FIELDS, TOKEN_HASH, AdminError, bad, generate, new_team,
-                           parse_fields, run_db)
+from authsvc.admin import ADMIN, KEY_FIELDS, TEAM_FIELDS, TOKEN_HASH, AdminError, bad, generate, new_team, parse_fields, run_db
 from authsvc.keydb.records import KeyRecord, SpendLogRecord, StoreUnavailable, TeamRecord
 from authsvc.keydb.store import Store
 from controller.model.wire import same_key
@@ -79,6 +78,13 @@ _UI_HEADERS = {
 }
 
 
+def _logged_in(request: web.Request) -> tuple[str, str]:
+    """The session of a POST that _ui_form accepted."""
+    session = _session(request)
+    assert session is not None
+    return session
+
+
 def _page(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     html = request.app[PAGES].get_template(template).render(**context)
     return web.Response(status=status, text=html, content_type="text/html", headers=_UI_HEADERS)
@@ -128,15 +134,15 @@ async def _dashboard(request: web.Request, session: tuple[str, str], error: str 
     store = _ui_store(request)
     if store is None:
         return _db_off(request)
-    page = request.query.get("page", "1")
-    page = int(page) if page.isdigit() and 0 < int(page) < 10**9 else 1
+    page_text = request.query.get("page", "1")
+    page = int(page_text) if page_text.isdigit() and 0 < int(page_text) < 10**9 else 1
     try:
         keys, total = await run_db(store.list_keys, page, UI_PAGE_SIZE)
         teams = await run_db(store.list_teams)
         recent = await run_db(store.spend_logs, limit=20)
     except StoreUnavailable:
         return _db_down(request, "nothing can be shown")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return _page(request, "dashboard.html", status,
                  csrf=csrf_token(*session), error=error, page=page,
                  pages=max(1, math.ceil(total / UI_PAGE_SIZE)), total=total,
@@ -189,7 +195,7 @@ def _spend_row(r: SpendLogRecord) -> dict[str, Any]:
 async def ui_login(request: web.Request) -> web.Response:
     master = request.app[ADMIN].master_key()
     form = await request.post()
-    if not same_key(str(form.get("master_key", "")), master):
+    if master is None or not same_key(str(form.get("master_key", "")), master):
         return _page(request, "login.html", 401, error="That is not the master key.", configured=bool(master))
     response = _see_other("/ui")
     response.set_cookie(SESSION_COOKIE, session_token(master, int(time.time())), max_age=SESSION_SECONDS,
@@ -254,10 +260,10 @@ async def ui_create_key(request: web.Request) -> web.Response:
         fields = parse_fields(_form_fields(form, _KEY_FORM), KEY_FIELDS, "the key form")
         raw, record = await generate(store, fields)
     except AdminError as exc:
-        return await _dashboard(request, _session(request), error=exc.message, status=400)
+        return await _dashboard(request, _logged_in(request), error=exc.message, status=400)
     except StoreUnavailable:
         return _db_down(request, "the key was not created")
-    return _page(request, "key_created.html", raw_key=raw, key=_key_row(record, datetime.now(timezone.utc)))
+    return _page(request, "key_created.html", raw_key=raw, key=_key_row(record, datetime.now(UTC)))
 
 
 async def ui_key_action(request: web.Request) -> web.Response:
@@ -267,7 +273,7 @@ async def ui_key_action(request: web.Request) -> web.Response:
     form, store = got
     token_hash = str(form.get("token_hash", ""))
     if not TOKEN_HASH.fullmatch(token_hash):
-        return await _dashboard(request, _session(request), error="No key was chosen.", status=400)
+        return await _dashboard(request, _logged_in(request), error="No key was chosen.", status=400)
     action = request.match_info["action"]
     try:
         if action == "delete":
@@ -288,7 +294,7 @@ async def ui_create_team(request: web.Request) -> web.Response:
     try:
         await new_team(store, parse_fields(_form_fields(form, _TEAM_FORM), TEAM_FIELDS, "the team form"))
     except AdminError as exc:
-        return await _dashboard(request, _session(request), error=exc.message, status=400)
+        return await _dashboard(request, _logged_in(request), error=exc.message, status=400)
     except StoreUnavailable:
         return _db_down(request, "the team was not created")
     return _see_other("/ui")

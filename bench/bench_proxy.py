@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.edge.nginx import RunLayout
@@ -851,7 +851,7 @@ def run(args: argparse.Namespace) -> str:
 
 def report(args: argparse.Namespace, rows: list[Row], goals: list[Goal], servers: list[Server]) -> str:
     md = args.markdown
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     head = (f"llmgate bench_proxy, {when}; {machine()}; {args.duration:g} s per scenario after "
             f"{args.warmup:g} s warm-up; {STREAM_CHUNKS} content chunks per stream, "
             f"{args.chunk_delay_ms:g} ms apart; load from wrk on the same CPUs")

@@ -190,7 +190,7 @@ async def measure(port: int, args: argparse.Namespace) -> list[list[str]]:
             configure(port, chunk_delay_ms=args.chunk_delay_ms if kind else 0.0, stream_chunks=args.stream_chunks)
             best: dict[str, float] = {}
             pieces: dict[str, float] = {}
-            for name, phases in clients.items():  # warm-up: connections open, code paths hot
+            for _name, phases in clients.items():  # warm-up: connections open, code paths hot
                 await phases[kind](max(CONCURRENCY, count // 10), concurrency)
             for _ in range(args.rounds):
                 for name, phases in clients.items():

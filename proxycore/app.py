@@ -22,8 +22,18 @@ from controller.model.usage_record import Clock
 from controller.ops.filewatch import FileWatch
 from proxycore import metrics
 from proxycore.errors import ApiError, error_response
-from proxycore.inference import (CLOCK, HTTP, LIVE, METERS, UNAUTHORIZED, USAGE, chat_completions, completions,
-                                 embeddings, key_policy)
+from proxycore.inference import (
+    CLOCK,
+    HTTP,
+    LIVE,
+    METERS,
+    UNAUTHORIZED,
+    USAGE,
+    chat_completions,
+    completions,
+    embeddings,
+    key_policy,
+)
 from proxycore.live import LiveConfig, authenticate
 from proxycore.meters import Meters
 from proxycore.router import DeploymentState

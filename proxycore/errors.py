@@ -39,7 +39,7 @@ def upstream_error_message(raw: bytes) -> tuple[str, str | None, str | None]:
         text = raw[:200].decode("utf-8", "replace").strip()
         return (text or "the backend returned no body", None, None)
     if isinstance(data, dict):
-        inner = data.get("error") if isinstance(data.get("error"), dict) else data
+        inner: dict = data["error"] if isinstance(data.get("error"), dict) else data
         message = inner.get("message") or inner.get("detail") or inner.get("error")
         if isinstance(message, str):
             t = inner.get("type")

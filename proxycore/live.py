@@ -29,8 +29,8 @@ class ServedConfig:
     only_team: str | None = None  # a dedicated instance serves this team alone
 
     @classmethod
-    def build(cls, config: ProxyConfig, teams: TeamsConfig | None = None, previous: "ServedConfig | None" = None,
-              only_team: str | None = None) -> "ServedConfig":
+    def build(cls, config: ProxyConfig, teams: TeamsConfig | None = None, previous: ServedConfig | None = None,
+              only_team: str | None = None) -> ServedConfig:
         key = internal_key(teams)
         if only_team and key:
             key = dedicated_internal_key(key, only_team)

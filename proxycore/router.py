@@ -94,7 +94,7 @@ class ModelGroup:
         return [s for tier in self.tiers for s in tier]
 
 
-def build_groups(config: ProxyConfig, previous: dict[str, "ModelGroup"] | None = None) -> dict[str, ModelGroup]:
+def build_groups(config: ProxyConfig, previous: dict[str, ModelGroup] | None = None) -> dict[str, ModelGroup]:
     """Groups by model name; a deployment unchanged since `previous` keeps what the router learned about it."""
     known = {s.d: s for g in (previous or {}).values() for s in g.members}
     by_name: dict[str, list[DeploymentState]] = {}

@@ -69,7 +69,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
         self.loop, self.pool = loop, pool
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made, before any use
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
@@ -437,10 +437,11 @@ class UpstreamClient:
         scheme = url.scheme
         if scheme not in ("http", "https") or not url.raw_host:
             raise ValueError(f"not an absolute http(s) URL: {url}")
-        key = (scheme, url.raw_host, url.port)
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.raw_host, port)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(url.raw_host, url.port, self._ssl if scheme == "https" else None)
+            pool = self._pools[key] = _Pool(url.raw_host, port, self._ssl if scheme == "https" else None)
         if len(self._targets) >= _MAX_TARGETS:
             self._targets.clear()
         target = self._targets[url] = (pool, f" {url.raw_path_qs} HTTP/1.1\r\nHost: {url.host_port_subcomponent}\r\n")

@@ -3,20 +3,19 @@ plain HTTP, config files, gateways, databases, and an admin app served in a thre
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from aiohttp import web

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -22,6 +20,7 @@ from authsvc.keydb.records import StoreUnavailable
 from authsvc.keydb.store import Store
 from authsvc.spend import SpendWriter, replay_usage_log, spend_writer_ctx
 from support import MASTER, admin_app, database, http, serve
+
 
 class Admin:
     def __init__(self, base: str, store: Store):
@@ -99,7 +98,7 @@ def test_key_lifecycle(admin):
     assert created["token"] == token and created["key_name"] == f"sk-...{raw[-4:]}"
     assert created["duration"] == "7d" and created["budget_duration"] == "30d"
     expires = datetime.fromisoformat(created["expires"])
-    assert timedelta(days=6, hours=23) < expires - datetime.now(timezone.utc) <= timedelta(days=7)
+    assert timedelta(days=6, hours=23) < expires - datetime.now(UTC) <= timedelta(days=7)
     assert (created["models"], created["rpm_limit"], created["tpm_limit"], created["max_parallel_requests"],
             created["max_budget"], created["team_id"], created["key_alias"], created["metadata"]) == \
         (["llama-3.1-8b-instruct"], 60, 10000, 2, 5.5, "team-a", "ci-bot", {"owner": "alice"})
@@ -116,7 +115,7 @@ def test_key_lifecycle(admin):
     assert updated["tpm_limit"] == 10000  # fields not given stay
 
     assert admin.ok("POST", "/key/block", {"key": raw})["blocked"] is True
-    assert admin.store.key_by_hash(token).unusable_reason(datetime.now(timezone.utc)) == "blocked"
+    assert admin.store.key_by_hash(token).unusable_reason(datetime.now(UTC)) == "blocked"
     assert admin.ok("POST", "/key/unblock", {"key": token})["blocked"] is False
 
     assert admin.ok("GET", "/key/list?return_full_object=true")["keys"][0]["key_alias"] == "ci-bot-2"
@@ -189,7 +188,7 @@ def test_key_list_pages_are_bounded(admin):
     admin.store.new_team(team_id="team-a")
     for i in range(12):
         admin.store.generate_key(key_alias=f"k{i:02}", team_id="team-a" if i < 4 else None,
-                                 now=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i))
+                                 now=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i))
     first = admin.ok("GET", "/key/list?size=5")
     assert (first["total_count"], first["current_page"], first["total_pages"]) == (12, 1, 3)
     assert len(first["keys"]) == 5 and all(len(k) == 64 for k in first["keys"])  # hashes, as LiteLLM lists them
@@ -220,7 +219,7 @@ def test_spend_logs(admin):
     admin.store.new_team(team_id="team-a")
     raw, key = admin.store.generate_key(team_id="team-a")
     _, other = admin.store.generate_key()
-    day = datetime(2026, 11, 24, tzinfo=timezone.utc)
+    day = datetime(2026, 11, 24, tzinfo=UTC)
     admin.store.record_spend(
         [{"request_id": f"a-{i}", "key_hash": key.token_hash, "team_id": "team-a", "model": "m",
           "prompt_tokens": 3, "completion_tokens": 4, "spend": 0.5, "status": 200,

@@ -17,13 +17,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from support import LLMGATE, ROOT, free_port, http, sha256_hex, start_fake_vllm, teams_yaml, wait_until, write_config
 from controller.cli import build_parser
-from fakevllm.__main__ import build_parser as fake_vllm_parser
-from controller.edge.nginx import nginx_binary
-from controller.edge.nginx import find_js_module
+from controller.edge.nginx import find_js_module, nginx_binary
 from controller.edge.render import render_nginx_conf
 from controller.model.gateway import load_gateway_config
+from fakevllm.__main__ import build_parser as fake_vllm_parser
+from support import LLMGATE, ROOT, free_port, http, sha256_hex, start_fake_vllm, teams_yaml, wait_until, write_config
 
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
@@ -169,7 +168,7 @@ def test_the_parser_check_can_fail():
 
 def test_bind_mounted_paths_exist_in_the_repo():
     for name, s in services().items():
-        for source, target in volume_mounts(s):
+        for source, _target in volume_mounts(s):
             if source.startswith((".", "/", "~")):
                 path = (COMPOSE_DIR / source).resolve()
                 assert path.exists(), f"service {name} mounts {source} (-> {path}), which is not in the repo"

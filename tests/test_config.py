@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from support import LLMGATE, ROOT
 from controller.model.config import ConfigError, load_proxy_config
+from support import LLMGATE, ROOT
 
 # As LiteLLM's docs write it for vLLM (providers/vllm and proxy/configs pages).
 LITELLM_VLLM_DOCS = """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -86,7 +85,7 @@ def test_50_reloads_under_load_lose_no_call_and_a_stream_finishes_intact(gw):
             done = len(gw.reloads())
             newcomer = NEW_TEAM.replace("rpm: 1000", f"rpm: {1000 + i}")  # every added team renders differently
             rewrite(gw, BASE_TEAMS + (newcomer if i % 2 == 0 else ""))
-            assert wait_until(lambda: len(gw.reloads()) > done, timeout=5), f"reload {i} not seen:\n{gw.svc.output}"
+            assert wait_until(lambda done=done: len(gw.reloads()) > done, timeout=5), f"reload {i} not seen:\n{gw.svc.output}"
     finally:
         stop.set()
         for t in threads:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from support import http, sha256_hex, start_gateway
 from controller.edge.nginx import RunLayout
+from support import http, sha256_hex, start_gateway
 
 KEY = "sk-secret-team-key-0123456789abcdef"
 ENV_KEY = "sk-secret-env-key-abcdef0123456789"

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from openai import AsyncOpenAI
 
-from support import LLMGATE, free_port
 from fakevllm.server import EMBEDDING_DIMS, make_fake_vllm_app, serve_fake_vllm
+from support import LLMGATE, free_port
 
 MODEL = "llama-3.1-8b-instruct"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something nice"}]

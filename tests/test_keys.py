@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from support import LLMGATE, ROOT
-from controller.ops.keys import KeyCommandError, _replace_checked
 from controller.model.teams import load_teams
 from controller.model.wire import key_hash as hash_key
+from controller.ops.keys import KeyCommandError, _replace_checked
+from support import LLMGATE, ROOT
 
 ENV_KEY = "sk-team-b-from-the-environment"
 # Two hashes that share their first 12 hex digits, to make a prefix ambiguous.

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 from support import ROOT, http, sha256_hex, start_fake_vllm, start_gateway, wait_until

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.model.config import load_proxy_config
 from controller.edge.render import RenderError, nginx_quote, render_nginx_conf
+from controller.model.config import load_proxy_config
 from controller.model.gateway import GatewayConfig
 from controller.model.teams import load_teams
 from controller.model.yamlpath import ConfigError

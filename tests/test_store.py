@@ -8,14 +8,12 @@ each test gets its own schema, dropped afterwards. When the server is not reacha
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from authsvc.keydb.store import MIGRATIONS_DIR, Store
 from controller.model.config import parse_database_url
 from support import PG_URL, database, postgres_schema
 
-T0 = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> Iterator[str]:
@@ -95,8 +93,8 @@ def test_durations_follow_litellm():
     assert parse_duration("1h").after(T0) == T0 + timedelta(hours=1)
     assert parse_duration("7d").after(T0) == T0 + timedelta(days=7)
     assert parse_duration("2w").after(T0) == T0 + timedelta(days=14)
-    jan31 = datetime(2027, 1, 31, tzinfo=timezone.utc)
-    assert parse_duration("1mo").after(jan31) == datetime(2027, 2, 28, tzinfo=timezone.utc)
+    jan31 = datetime(2027, 1, 31, tzinfo=UTC)
+    assert parse_duration("1mo").after(jan31) == datetime(2027, 2, 28, tzinfo=UTC)
     for bad in ("", "0d", "7", "d", "7 days", "1y", "-1h", "1.5h", "30min"):
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
@@ -261,7 +259,7 @@ def test_key_usability(store):
     assert expiring.unusable_reason(T0 + timedelta(seconds=30)) == "expired"
     _, budgeted = store.generate_key(max_budget=0.5)
     store.record_spend([{"request_id": "r-1", "key_hash": budgeted.token_hash, "spend": 0.5}])
-    assert store.key_by_hash(budgeted.token_hash).unusable_reason(datetime.now(timezone.utc)) == "budget_exceeded"
+    assert store.key_by_hash(budgeted.token_hash).unusable_reason(datetime.now(UTC)) == "budget_exceeded"
     _, blocked = store.generate_key(blocked=True)
     assert blocked.unusable_reason(T0) == "blocked"
 
@@ -343,8 +341,8 @@ def test_budget_resets_when_its_period_ends(store):
     assert idle.spend == 0 and idle.budget_reset_at == T0 + timedelta(days=6)
     assert store.reset_budgets(now=T0 + timedelta(days=5, hours=4)) == 0
 
-    monthly = store.update_key(key.token_hash, budget_duration="1mo", now=datetime(2027, 1, 31, tzinfo=timezone.utc))
-    assert monthly.budget_reset_at == datetime(2027, 2, 28, tzinfo=timezone.utc)
+    monthly = store.update_key(key.token_hash, budget_duration="1mo", now=datetime(2027, 1, 31, tzinfo=UTC))
+    assert monthly.budget_reset_at == datetime(2027, 2, 28, tzinfo=UTC)
 
 
 def test_spend_without_a_budget_period_accumulates(store):

@@ -23,8 +23,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from support import (LLMGATE, MASTER_KEY, ROOT, free_port, http, sha256_hex, start_gateway, start_proxy,
-                      write_config)
+from support import LLMGATE, MASTER_KEY, ROOT, free_port, http, sha256_hex, start_gateway, start_proxy, write_config
 
 DOMAIN = "team-a.llm.test"
 SHARED = "llm.test"

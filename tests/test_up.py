@@ -8,8 +8,7 @@ import signal
 import socket
 import subprocess
 
-from support import (LLMGATE, free_port, http, launch_gateway, start_fake_vllm, start_gateway, wait_until,
-                     write_config)
+from support import LLMGATE, free_port, http, launch_gateway, start_fake_vllm, start_gateway, wait_until, write_config
 
 TEAMS = """  demo:
     keys: [os.environ/LLMGATE_DEMO_KEY]
@@ -66,7 +65,7 @@ def test_crashed_children_are_restarted(spawn, tmp_path):
     assert wait_until(lambda: "nginx exited" in gw.svc.output, timeout=5)
     assert wait_until(ok, timeout=10)
     for pid in workers:  # the crashed master's workers do not go on serving the old config
-        assert wait_until(lambda: not alive(pid), timeout=5), f"nginx worker {pid} outlived its master"
+        assert wait_until(lambda pid=pid: not alive(pid), timeout=5), f"nginx worker {pid} outlived its master"
     assert re.search(r"restarting in \d", gw.svc.output)
 
 
@@ -77,7 +76,7 @@ def test_sigterm_stops_the_whole_tree(spawn, tmp_path):
     grandkids = [g for k in kids for g in children(k)]  # nginx workers
     assert gw.svc.stop() == 0
     for pid in [*kids, *grandkids]:
-        assert wait_until(lambda: not alive(pid), timeout=5), f"{pid} outlived llmgate up"
+        assert wait_until(lambda pid=pid: not alive(pid), timeout=5), f"{pid} outlived llmgate up"
     assert "llmgate: stopping" in gw.svc.output
 
 

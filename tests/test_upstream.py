@@ -18,8 +18,7 @@ import pytest
 from yarl import URL
 
 from fakevllm.server import make_fake_vllm_app, serve_fake_vllm
-from proxycore.upstream import (UpstreamClient, UpstreamConnectError, UpstreamError, UpstreamProtocolError,
-                                UpstreamTimeout)
+from proxycore.upstream import UpstreamClient, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 JSON = {"Content-Type": "application/json"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -504,7 +503,7 @@ def self_signed(tmp_path_factory) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))

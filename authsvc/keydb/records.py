@@ -7,10 +7,11 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
 
 class StoreError(Exception):
     """Anything the store refuses or cannot do."""
@@ -79,11 +80,11 @@ def _add_months(t: datetime, months: int) -> datetime:
 # ---------------------------------------------------------------- time
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def db_time(t: datetime | None) -> str | None:
@@ -92,6 +93,11 @@ def db_time(t: datetime | None) -> str | None:
 
 def from_db_time(text: str | None) -> datetime | None:
     return None if text is None else as_utc(datetime.fromisoformat(text))
+
+
+def required_time(text: str) -> datetime:
+    """A NOT NULL time column."""
+    return as_utc(datetime.fromisoformat(text))
 
 
 def parse_time(value: datetime | str) -> datetime:
@@ -109,6 +115,12 @@ class _Budgeted:
     """What keys and teams share: spend in the budget period, and a model list (empty: every model)."""
 
     __slots__ = ()
+    if TYPE_CHECKING:  # the fields of the dataclasses below
+        spend: float
+        budget_reset_at: datetime | None
+        models: tuple[str, ...]
+
+        def unusable_reason(self, now: datetime) -> str | None: ...
 
     def spend_at(self, now: datetime) -> float:
         """Spend in the current budget period (0 once its reset time passed, before the store resets it)."""
@@ -265,17 +277,18 @@ TEAM_SELECT = f"SELECT {', '.join(TEAM_COLUMNS)} FROM llmgate_teams"
 
 def key_from_row(r: tuple) -> KeyRecord:
     return KeyRecord(r[0], r[1], r[2], r[3], tuple(orjson.loads(r[4])), r[5], r[6], r[7], r[8], r[9], from_db_time(r[10]),
-                     float(r[11]), from_db_time(r[12]), bool(r[13]), orjson.loads(r[14]), from_db_time(r[15]), from_db_time(r[16]))
+                     float(r[11]), from_db_time(r[12]), bool(r[13]), orjson.loads(r[14]), required_time(r[15]),
+                     required_time(r[16]))
 
 
 def team_from_row(r: tuple) -> TeamRecord:
     return TeamRecord(r[0], r[1], tuple(orjson.loads(r[2])), r[3], r[4], from_db_time(r[5]), r[6], r[7], float(r[8]),
-                      bool(r[9]), orjson.loads(r[10]), from_db_time(r[11]), from_db_time(r[12]))
+                      bool(r[9]), orjson.loads(r[10]), required_time(r[11]), required_time(r[12]))
 
 
 def spend_from_row(r: tuple) -> SpendLogRecord:
     return SpendLogRecord(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]),
-                          None if r[8] is None else int(r[8]), from_db_time(r[9]))
+                          None if r[8] is None else int(r[8]), required_time(r[9]))
 
 
 # Fields update_key accepts; `duration` sets `expires` from now, as in LiteLLM.

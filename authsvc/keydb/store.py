@@ -26,10 +26,30 @@ from typing import Any
 import orjson
 
 from authsvc.keydb.backends import PostgresBackend, SqliteBackend, first_line
-from authsvc.keydb.records import (KEY_COLUMNS, KEY_SELECT, KEY_UPDATABLE, SPEND_COLUMNS, TEAM_COLUMNS, TEAM_SELECT,
-                                   Conflict, KeyRecord, MigrationError, SpendLogRecord, StoreError, StoreUnavailable,
-                                   TeamRecord, as_utc, db_time, from_db_time, key_from_row, parse_duration, parse_time,
-                                   spend_from_row, team_from_row, utcnow)
+from authsvc.keydb.records import (
+    KEY_COLUMNS,
+    KEY_SELECT,
+    KEY_UPDATABLE,
+    SPEND_COLUMNS,
+    TEAM_COLUMNS,
+    TEAM_SELECT,
+    KeyRecord,
+    MigrationError,
+    SpendLogRecord,
+    StoreError,
+    StoreUnavailable,
+    TeamRecord,
+    as_utc,
+    db_time,
+    from_db_time,
+    key_from_row,
+    parse_duration,
+    parse_time,
+    required_time,
+    spend_from_row,
+    team_from_row,
+    utcnow,
+)
 from controller.model.config import parse_database_url
 from controller.model.wire import key_hash
 
@@ -49,7 +69,7 @@ class Store:
         self.url = backend.url
 
     @classmethod
-    def open(cls, url: str, migrations_dir: str | Path | None = None) -> "Store":
+    def open(cls, url: str, migrations_dir: str | Path | None = None) -> Store:
         """Connect and migrate. StoreUnavailable: bad URL or unreachable; MigrationError: a file failed."""
         try:
             parsed = parse_database_url(url)
@@ -121,7 +141,7 @@ class Store:
             return self._conn().execute(self._sql(sql), params).fetchall()
 
     @contextmanager
-    def _write(self) -> Iterator["_Tx"]:
+    def _write(self) -> Iterator[_Tx]:
         with self._errors():
             conn = self._conn()
             with self._backend.transaction(conn):
@@ -132,7 +152,7 @@ class Store:
     def migrate(self, directory: Path = MIGRATIONS_DIR) -> list[str]:
         """Apply the migration files not applied yet, each in one transaction; returns their names."""
         files = sorted((p for p in directory.iterdir() if MIGRATION_FILE.fullmatch(p.name)), key=lambda p: p.name)
-        versions = [MIGRATION_FILE.fullmatch(p.name).group(1) for p in files]
+        versions = [p.name[:4] for p in files]  # MIGRATION_FILE: four digits first
         if len(set(versions)) != len(versions):
             raise MigrationError(f"{directory}: two migration files share a version number: {[p.name for p in files]}")
         applied: list[str] = []
@@ -145,7 +165,7 @@ class Store:
                     if self._is_applied(conn, version):
                         continue
                     try:
-                        self._backend.apply_migration(conn, version, path.name, path.read_text(), db_time(utcnow()))
+                        self._backend.apply_migration(conn, version, path.name, path.read_text(), _now_text())
                     except Exception as exc:
                         if self._is_applied(conn, version):  # another process applied it first (SQLite)
                             continue
@@ -353,7 +373,7 @@ def _roll_budget(tx: _Tx, table: str, id_column: str, owner: str, now: datetime)
     rows = tx.run(f"SELECT budget_duration, budget_reset_at FROM {table} WHERE {id_column} = ?", (owner,)).fetchall()
     if not rows or rows[0][0] is None or rows[0][1] is None:
         return None
-    duration, reset_at = parse_duration(rows[0][0]), from_db_time(rows[0][1])
+    duration, reset_at = parse_duration(rows[0][0]), required_time(rows[0][1])
     if now >= reset_at:
         next_reset = duration.next_boundary(reset_at, now)
         # Compare-and-set on the old reset time: two writers never both reset the same period.
@@ -387,3 +407,8 @@ def _is_sql_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and not any(
         word in str(exc) for word in ("locked", "unable to open", "disk I/O", "readonly"))
 
+
+def _now_text() -> str:
+    text = db_time(utcnow())
+    assert text is not None
+    return text

@@ -16,9 +16,10 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from controller.edge.render import DEFAULT_JS_MODULE, RenderedConfig, RenderError, render_nginx_conf
 from controller.model.gateway import GatewayConfig, load_gateway_config
@@ -197,7 +198,7 @@ class EdgeReloader:
     """
 
     def __init__(self, layout: RunLayout, config_path: str, teams_path: str, internal_key: str,
-                 nginx_pid: "int | Callable[[], int | None] | None" = None, runner: NginxRunner | None = None,
+                 nginx_pid: int | Callable[[], int | None] | None = None, runner: NginxRunner | None = None,
                  js_module: str | None = None, verify_timeout: float = VERIFY_TIMEOUT_S):
         self.layout, self.config_path, self.teams_path = layout, config_path, teams_path
         self.verify_timeout = verify_timeout

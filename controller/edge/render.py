@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from importlib import resources
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import jinja2

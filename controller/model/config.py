@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from controller.model import scalars
-from controller.model.yamlpath import ConfigError, Node, load_yaml_file
+from controller.model.yamlpath import Node, load_yaml_file
 
 ROUTING_STRATEGIES = (
     "simple-shuffle",
@@ -136,7 +136,8 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
     router = _parse_router(root.get("router_settings"), unsupported)
     models_node = root.get("model_list")
     if models_node is None:
-        raise root.error("a `model_list` with at least one entry", "add model_list: [{model_name: ..., litellm_params: {model: hosted_vllm/<model>, api_base: http://host:8000/v1}}]", key="model_list")
+        raise root.error("a `model_list` with at least one entry", "add model_list: [{model_name: ..., litellm_params: "
+                         "{model: hosted_vllm/<model>, api_base: http://host:8000/v1}}]", key="model_list")
     deployments = tuple(
         _parse_deployment(item, index, router, unsupported) for index, item in enumerate(models_node.sequence_items())
     )
@@ -154,7 +155,7 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
                 raise root.child("router_settings").child("fallbacks").error(
                     f"model names from model_list, but {t!r} is not one", f"use one of: {', '.join(sorted(names))}")
 
-    warnings = ()
+    warnings: tuple[str, ...] = ()
     if unsupported:
         warnings = (f"{root.file}: ignoring unsupported keys: {', '.join(unsupported)}",)
     return ProxyConfig(
@@ -203,7 +204,8 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
     model_name = node.req("model_name", scalars.string)
     params = node.child("litellm_params")
     if params.value is None:
-        raise params.error("a mapping with at least `model` and `api_base`", "add litellm_params: {model: hosted_vllm/<model>, api_base: http://host:8000/v1}")
+        raise params.error("a mapping with at least `model` and `api_base`",
+                           "add litellm_params: {model: hosted_vllm/<model>, api_base: http://host:8000/v1}")
     params.expect_mapping()
     unsupported += params.unknown_keys(_PARAM_KEYS)
     model = params.req("model", scalars.string)
@@ -215,7 +217,8 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
         raise params.child("model").error(
             "a model with a `hosted_vllm/` or `openai/` prefix", f"write hosted_vllm/{model.split('/', 1)[-1]}")
     if not upstream:
-        raise params.child("model").error("a model id after the provider prefix", "e.g. hosted_vllm/meta-llama/Llama-3.1-8B-Instruct")
+        raise params.child("model").error("a model id after the provider prefix",
+                                          "e.g. hosted_vllm/meta-llama/Llama-3.1-8B-Instruct")
     api_base = params.req("api_base", scalars.string).rstrip("/")
     if not api_base.startswith(("http://", "https://")):
         raise params.child("api_base").error("a URL starting with http:// or https://", "e.g. http://127.0.0.1:8000/v1")
@@ -248,10 +251,17 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
         timeout=timeout,
         stream_timeout=params.opt("stream_timeout", scalars.positive_number),
         max_retries=params.opt("max_retries", scalars.non_negative_whole),
-        input_cost_per_token=info_cost_in if info_cost_in is not None else (params.opt("input_cost_per_token", scalars.non_negative_number) or 0.0),
-        output_cost_per_token=info_cost_out if info_cost_out is not None else (params.opt("output_cost_per_token", scalars.non_negative_number) or 0.0),
+        input_cost_per_token=_price(info_cost_in, params, "input_cost_per_token"),
+        output_cost_per_token=_price(info_cost_out, params, "output_cost_per_token"),
         mode=mode,
     )
+
+
+def _price(from_model_info: float | None, params: Node, key: str) -> float:
+    """A price per token: model_info's, else litellm_params', else 0."""
+    if from_model_info is not None:
+        return from_model_info
+    return params.opt(key, scalars.non_negative_number) or 0.0
 
 
 # ---------------------------------------------------------------- checks of config.yaml's own

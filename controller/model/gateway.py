@@ -36,7 +36,7 @@ class GatewayConfig:
     def runs_authsvc(self) -> bool:
         return self.key_lookup == "service"
 
-    def with_sockets(self, socket_dir: str) -> "GatewayConfig":
+    def with_sockets(self, socket_dir: str) -> GatewayConfig:
         """Internal addresses left unset become unix sockets in `socket_dir` (see TeamsConfig.with_sockets)."""
         return GatewayConfig(self.proxy, self.teams.with_sockets(socket_dir))
 

@@ -10,7 +10,8 @@ Checks are strict about types, as JSON is: `"5"` is not a number. YAML's lenienc
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Check = Callable[[Any], Any]
 MAX_EXACT_INT = 2**53  # the largest whole number a JSON reader anywhere keeps exactly

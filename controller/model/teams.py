@@ -139,7 +139,7 @@ class TeamsConfig:
     def dedicated(self) -> list[Team]:
         return [t for t in self.teams if t.dedicated]
 
-    def with_sockets(self, socket_dir: str) -> "TeamsConfig":
+    def with_sockets(self, socket_dir: str) -> TeamsConfig:
         """Every internal address left unset becomes a unix socket in `socket_dir`: two gateways on one
         machine never collide on a port."""
         gw = self.gateway
@@ -263,8 +263,9 @@ def _parse_gateway(node: Node | None, base_dir: Path) -> GatewaySettings:
         raise node.child("max_body").error("a size like 32m, 512k or 1g")
     internal_key = node.opt("internal_key", scalars.string)
     if internal_key is not None and not re.fullmatch(r"[A-Za-z0-9_.~+/=-]{16,256}", internal_key):
-        raise node.child("internal_key").error("16 or more URL-safe characters", "generate one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
-                                               show_value=False)
+        raise node.child("internal_key").error(
+            "16 or more URL-safe characters",
+            "generate one, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'", show_value=False)
     workers = node.opt("workers", scalars.whole_in(1, 64), 1)
     nginx_workers = node.opt("nginx_workers", _nginx_workers, "auto")
     server_names = tuple(_domain(n) for n in node.child("server_names").sequence_items()) if node.get("server_names") else ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -47,7 +47,7 @@ class UsageRecord:
         return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
 
     @classmethod
-    def from_json(cls, d: Any) -> "UsageRecord | None":
+    def from_json(cls, d: Any) -> UsageRecord | None:
         """A parsed line back into a record; None when it does not have this shape (an older format, garbage).
 
         Only what every reader relies on is required: ts, status, team and the token counts.
@@ -70,9 +70,9 @@ class UsageRecord:
         return cls(ts, rid if type(rid) is str else "", team, _text(get("key_id")),
                    key_hash if type(key_hash) is str else None, _text(get("model")), _text(get("endpoint")) or "",
                    _text(get("deployment")), status, get("stream") is True, prompt, completion,
-                   prompt + completion, cost if type(cost) in (int, float) else 0.0,
-                   latency if type(latency) in (int, float) else None,
-                   ttft if type(ttft) in (int, float) else None, _whole(get("retries")), _text(get("fallback")),
+                   prompt + completion, _number(cost) or 0.0,
+                   _number(latency),
+                   _number(ttft), _whole(get("retries")), _text(get("fallback")),
                    _text(get("error")))
 
 
@@ -83,6 +83,10 @@ def _text(v: Any) -> str | None:
     return v if type(v) is str else None
 
 
+def _number(v: Any) -> float | None:
+    return float(v) if type(v) in (int, float) else None
+
+
 def _whole(v: Any) -> int:
     return v if type(v) is int else 0
 
@@ -91,7 +95,7 @@ def _whole(v: Any) -> int:
 
 def usage_timestamp(ts: datetime) -> str:
     """The usage log's timestamp: UTC with milliseconds and a Z, so that text order is time order."""
-    return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -100,8 +104,8 @@ def parse_timestamp(value: str) -> datetime:
         value = value[:-1] + "+00:00"
     ts = datetime.fromisoformat(value)
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)
 
 
 class Clock:
@@ -114,7 +118,7 @@ class Clock:
             self.offset = parse_timestamp(fake).timestamp() - time.time()
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(time.time() + self.offset, timezone.utc)
+        return datetime.fromtimestamp(time.time() + self.offset, UTC)
 
     def timestamp(self) -> float:
         return time.time() + self.offset

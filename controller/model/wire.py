@@ -74,7 +74,7 @@ class KeyPolicy:
                              "spent": self.spend}).decode()
 
     @classmethod
-    def from_header(cls, header: str) -> "KeyPolicy | None":
+    def from_header(cls, header: str) -> KeyPolicy | None:
         """None for a header that is not a policy (then the request is refused: policies come only from authsvc)."""
         try:
             d = orjson.loads(header)

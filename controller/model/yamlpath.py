@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import yaml
 
@@ -53,11 +54,11 @@ class Node:
         if not isinstance(self.value, dict):
             raise self.error("a mapping (key: value lines)", "check the indentation")
 
-    def child(self, key: str) -> "Node":
+    def child(self, key: str) -> Node:
         self.expect_mapping()
         return Node(self.file, self._join(key), self.value.get(key))
 
-    def get(self, key: str) -> "Node | None":
+    def get(self, key: str) -> Node | None:
         self.expect_mapping()
         if self.value.get(key) is None:
             return None
@@ -73,14 +74,14 @@ class Node:
         self.expect_mapping()
         return [self._join(str(k)) for k in self.value if k not in allowed]
 
-    def mapping_items(self) -> Iterator[tuple[str, "Node"]]:
+    def mapping_items(self) -> Iterator[tuple[str, Node]]:
         self.expect_mapping()
         for k, v in self.value.items():
             if not isinstance(k, str):
                 raise ConfigError(self.file, self._join(str(k)), "a string key", "quote the key")
             yield k, Node(self.file, self._join(k), v)
 
-    def sequence_items(self) -> list["Node"]:
+    def sequence_items(self) -> list[Node]:
         if not isinstance(self.value, list):
             raise self.error("a list (lines starting with `- `)")
         return [Node(self.file, self._join(i), v) for i, v in enumerate(self.value)]

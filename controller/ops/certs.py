@@ -14,6 +14,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.model.teams import DOMAIN_LABEL, SAFE_PATH
 
@@ -75,7 +81,7 @@ def issue_self_signed(names: tuple[str, ...], out: Path, days: int) -> Issued:
     names = tuple(dict.fromkeys(names))
     out.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = out / "ca.pem", out / "ca.key"
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_created = not ca_cert_path.exists() and not ca_key_path.exists()
     if ca_created:
         ca_cert, ca_key = _new_ca(now)
@@ -94,10 +100,6 @@ def issue_self_signed(names: tuple[str, ...], out: Path, days: int) -> Issued:
 # ---------------------------------------------------------------- X.509
 
 def _new_ca(now: datetime.datetime):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "llmgate development"),
@@ -123,8 +125,6 @@ def _new_ca(now: datetime.datetime):
 
 
 def _load_ca(cert_path: Path, key_path: Path, now: datetime.datetime):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
     for present, missing in ((cert_path, key_path), (key_path, cert_path)):
         if present.exists() and not missing.exists():
@@ -135,7 +135,7 @@ def _load_ca(cert_path: Path, key_path: Path, now: datetime.datetime):
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise CertsError(f"cannot read the CA in {cert_path.parent}: {exc}") from None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    if _public_der(cert.public_key()) != _public_der(key.public_key()):
         raise CertsError(f"{key_path} is not the key of {cert_path}; restore the pair, or remove both to make a new CA")
     if cert.not_valid_after_utc <= now:
         raise CertsError(f"the CA {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; remove ca.pem and "
@@ -144,10 +144,6 @@ def _load_ca(cert_path: Path, key_path: Path, now: datetime.datetime):
 
 
 def _new_leaf(names: tuple[str, ...], ca_cert, ca_key, now: datetime.datetime, days: int):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
@@ -179,14 +175,12 @@ def _new_leaf(names: tuple[str, ...], ca_cert, ca_key, now: datetime.datetime, d
 
 
 def _key_pem(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def _cert_pem(cert) -> bytes:
-    from cryptography.hazmat.primitives import serialization
 
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -250,3 +244,7 @@ def _is_ip(name: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _public_der(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

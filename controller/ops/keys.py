@@ -91,9 +91,11 @@ def revoke_key(path: str, which: str, team_name: str | None = None) -> tuple[str
         found = ", ".join(f"{t}/{k.sha256[:16]}" + (f" ({k.name})" if k.name else "") for t, _, k in matches)
         raise KeyCommandError(f"{path}: {len(matches)} keys match: {found}; give more hex digits, or --team")
     team, index, key = matches[0]
-    keys_node = _lookup(_team_node(text, team)[1], "keys")[1]
-    remaining = config.team(team).keys[:index] + config.team(team).keys[index + 1:]
-    _replace_checked(path, text, _remove_item(text, keys_node, index), _with_keys(config, team, remaining))
+    keys_at = _lookup(_team_node(text, team)[1], "keys")
+    owner = config.team(team)
+    assert keys_at is not None and isinstance(keys_at[1], yaml.SequenceNode) and owner is not None  # the key is there
+    remaining = owner.keys[:index] + owner.keys[index + 1:]
+    _replace_checked(path, text, _remove_item(text, keys_at[1], index), _with_keys(config, team, remaining))
     return team, key
 
 
@@ -149,11 +151,15 @@ def _replace_checked(path: str, old_text: str, new_text: str, expected: TeamsCon
 # ---------------------------------------------------------------- text edits at parser positions
 
 def _team_node(text: str, team_name: str) -> tuple[yaml.Node, yaml.Node]:
+    """The team's key and value nodes (the file loaded already, so both exist)."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
-    return _lookup(_lookup(root, "teams")[1], team_name)
+    teams = _lookup(root, "teams")
+    found = _lookup(teams[1], team_name) if teams is not None else None
+    assert found is not None
+    return found
 
 
-def _lookup(mapping: yaml.Node, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+def _lookup(mapping: yaml.Node | None, key: str) -> tuple[yaml.Node, yaml.Node] | None:
     """(key node, value node) of `key`; the last one wins, as when loading."""
     if not isinstance(mapping, yaml.MappingNode):
         return None
@@ -166,7 +172,7 @@ def _insert_key(text: str, team_name: str, entry: str) -> str:
     found = _lookup(team, "keys")
     if found is None and _is_empty(team):  # `team-a:` or `team-a: {}`
         return _put_block_under(text, team_key, team, ["keys:", f"  - {entry}"])
-    if found is None and team.flow_style:  # `team-a: {rpm: 5}`
+    if found is None and getattr(team, "flow_style", False):  # `team-a: {rpm: 5}`
         at = team.start_mark.index + 1
         return text[:at] + f"keys: [{entry}], " + text[at:]
     if found is None:  # a block mapping without keys: they go first, as the docs write them
@@ -175,7 +181,7 @@ def _insert_key(text: str, team_name: str, entry: str) -> str:
     keys_key, keys = found
     if _is_empty(keys):  # `keys:` or `keys: []`
         return _put_block_under(text, keys_key, keys, [f"- {entry}"])
-    if keys.flow_style:
+    if getattr(keys, "flow_style", False):
         at = keys.end_mark.index - 1  # before the closing ]
         return text[:at] + f", {entry}" + text[at:]
     return _insert_lines(text, _line_end(text, _end_index(keys.value[-1])), keys.start_mark.column, [f"- {entry}"])

@@ -12,9 +12,9 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from controller.edge.nginx import EdgeReloader, ReloadResult, RunLayout, live_checksum, wait_for_checksum
 from controller.model.gateway import INTERNAL_KEY_ENV, GatewayConfig, internal_key

@@ -80,7 +80,7 @@ class Supervisor:
         await child.start()
         try:
             await asyncio.wait_for(self._ready_or_exit(child), ready_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RuntimeError(f"{spec.name} did not report ready within {ready_timeout:.0f}s") from None
         if child.proc is not None and child.proc.returncode is not None:
             raise RuntimeError(f"{spec.name} exited at start with status {child.proc.returncode}")
@@ -112,7 +112,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             await child.start()
 
@@ -123,7 +123,7 @@ class Supervisor:
         if child.proc is not None:
             try:
                 await asyncio.wait_for(child.proc.wait(), STOP_GRACE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 child.send(signal.SIGKILL)
                 await child.proc.wait()
         if child in self.children:
@@ -146,7 +146,7 @@ class Supervisor:
                 continue
             try:
                 await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 child.send(signal.SIGKILL)
                 await child.proc.wait()
             child.kill_group()

@@ -154,14 +154,13 @@ class SupervisedGateway:
             changed.append("general_settings.database_url")
         return ", ".join(changed) or None
 
-    async def reload(self, reason: str) -> ReloadResult:
+    async def reload(self, reason: str) -> None:
         """Load both files once; the same model goes to the dedicated instances and to the renderer."""
         await self.started.wait()
         async with self._reload_lock:
             result = await self._reload()
         record_reload(result)
         print(f"llmgate: reload ({reason}): {result.status}: {result.message}", flush=True)
-        return result
 
     async def _reload(self) -> ReloadResult:
         loop = asyncio.get_running_loop()
@@ -263,7 +262,8 @@ def _banner(cfg: GatewayConfig, demo_ports: list[int], secrets_path: Path) -> No
             f"try it with the demo key of team {team.name} (kept in {secrets_path}):",
             f"  curl -s {base}/v1/chat/completions \\",
             f"       -H \"Authorization: Bearer $(sed -n 's/^{DEMO_KEY_ENV}=//p' {secrets_path})\" \\",
-            f"       -H 'Content-Type: application/json' -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+            "       -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
         ]
     else:
         lines.append("create a key for a team: llmgate key new --team TEAM --teams <teams.yaml>")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from operator import itemgetter
-from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import BinaryIO
 
 import orjson
 
@@ -50,7 +50,7 @@ class Histogram:
         counts[b] = counts.get(b, 0) + 1
         self.n += 1
 
-    def merge(self, other: "Histogram") -> None:
+    def merge(self, other: Histogram) -> None:
         for b, c in other.counts.items():
             self.counts[b] = self.counts.get(b, 0) + c
         self.n += other.n
@@ -97,7 +97,7 @@ class Group:
         self.latency = Histogram()
         self.ttft = Histogram()
 
-    def merge(self, other: "Group") -> None:
+    def merge(self, other: Group) -> None:
         self.requests += other.requests
         self.outcomes = [a + b for a, b in zip(self.outcomes, other.outcomes)]
         self.prompt_tokens += other.prompt_tokens
@@ -202,7 +202,7 @@ class UsageReport:
         """An nginx access line; counted only when proxycore did not answer (its own line counts those)."""
         try:
             status = int(d["status"])
-            ts = _utc_text(parse_timestamp(d["time"]))
+            ts = usage_timestamp(parse_timestamp(d["time"]))
             answered_by_proxycore = d["proxied"]
             team, key = d["team"] or None, d["key_id"] or None
             request_time = float(d["request_time"])
@@ -248,11 +248,11 @@ def log_files(paths: Iterable[str]) -> list[tuple[Path, str]]:
     return found
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path) -> BinaryIO | gzip.GzipFile:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb", buffering=1 << 20)
 
 
-def read_logs(report: UsageReport, files: list[tuple[Path, str]], progress: "Progress | None" = None) -> None:
+def read_logs(report: UsageReport, files: list[tuple[Path, str]], progress: Progress | None = None) -> None:
     loads = orjson.loads
     for path, kind in files:
         add = report.add_usage if kind == "usage" else report.add_access
@@ -310,7 +310,7 @@ def parse_day(value: str, end: bool = False) -> datetime:
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
             d = date.fromordinal(date.fromisoformat(value).toordinal() + (1 if end else 0))
-            return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+            return datetime(d.year, d.month, d.day, tzinfo=UTC)
         return parse_timestamp(value)
     except ValueError:
         raise ValueError(f"expected a date like 2026-11-01 or an ISO timestamp, got {value!r}") from None

@@ -11,10 +11,19 @@ from pathlib import Path
 from controller.model.teams import load_teams
 from controller.model.usage_record import Clock, month_start, next_month
 from controller.model.yamlpath import ConfigError
-from controller.reports.aggregate import (GROUP_FIELDS, PROGRESS_MIN_BYTES, Filters, Progress, UsageReport, log_files,
-                                          parse_day, read_logs)
+from controller.reports.aggregate import (
+    GROUP_FIELDS,
+    PROGRESS_MIN_BYTES,
+    Filters,
+    Progress,
+    UsageReport,
+    log_files,
+    parse_day,
+    read_logs,
+)
 from controller.reports.formats import format_csv, format_json, format_table
 from controller.reports.html import format_html
+
 
 def run_usage(args: argparse.Namespace) -> int:
     by = tuple(f.strip() for f in args.by.split(",") if f.strip())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html import escape
 
 from controller.reports.aggregate import UsageReport
@@ -81,7 +81,7 @@ def format_html(report: UsageReport) -> str:
     total_requests = sum(r["requests"] for r in report.rows())
     f = report.filters
     period = f"{f.since.date() if f.since else 'start of logs'} to {f.until.date() if f.until else 'end of logs'}"
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>llmgate usage report</title>
 <style>
