@@ -22,16 +22,17 @@ RUN groupadd --system --gid 10001 llmgate \
  && install -d -o 10001 -g 10001 /run/llmgate /var/log/llmgate
 
 WORKDIR /opt/llmgate
-COPY pyproject.toml README.md ./
-COPY controller/ controller/
-COPY proxycore/ proxycore/
-COPY authsvc/ authsvc/
-COPY templates/ templates/
-COPY nginx/ nginx/
-# Editable, so controller/render.py finds templates/ and nginx/ beside the packages (a wheel would not
-# carry them). The code stays owned by root: the runtime user cannot change it.
-RUN pip install --no-cache-dir -e . \
- && rm -rf build
+COPY pyproject.toml README.md /tmp/src/
+COPY controller/ /tmp/src/controller/
+COPY proxycore/ /tmp/src/proxycore/
+COPY authsvc/ /tmp/src/authsvc/
+COPY fakevllm/ /tmp/src/fakevllm/
+COPY templates/ /tmp/src/templates/
+COPY nginx/ /tmp/src/nginx/
+# A plain install: templates/ and nginx/ ship as package data, and the sources do not stay in the image.
+# The code stays owned by root: the runtime user cannot change it.
+RUN pip install --no-cache-dir /tmp/src \
+ && rm -rf /tmp/src
 
 USER 10001:10001
 ENTRYPOINT ["llmgate"]

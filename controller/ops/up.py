@@ -22,7 +22,7 @@ import orjson
 from controller.edge.nginx import EdgeReloader, ReloadResult, RunLayout, nginx_binary, wait_for_checksum
 from controller.model.config import ProxyConfig
 from controller.model.gateway import GatewayConfig, internal_key
-from controller.model.teams import Address, Listen, Team
+from controller.model.teams import Address, Listen, Team, UnixSocket
 from controller.model.wire import key_hash
 from controller.model.yamlpath import ConfigError
 from controller.ops.filewatch import FileWatch
@@ -77,6 +77,20 @@ def listen_args(listen: Listen) -> list[str]:
     return ["--unix", listen.path]
 
 
+def link_sockets(cfg: GatewayConfig, run_dir: Path) -> None:
+    """<run-dir>/proxycore.sock (and authsvc.sock) point at the sockets, wherever nginx's workers needed them:
+    `curl --unix-socket run/proxycore.sock http://proxycore/health` works as the operator expects."""
+    gw = cfg.teams.gateway
+    for listen, used in ((gw.proxy_listen, True), (gw.auth_listen, cfg.runs_authsvc)):
+        if not isinstance(listen, UnixSocket) or os.path.dirname(listen.path) == str(run_dir):
+            continue
+        link = run_dir / os.path.basename(listen.path)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        if used:
+            link.symlink_to(listen.path)
+
+
 class SupervisedGateway:
     """The running tree: children under a supervisor, and the watcher that reloads the edge."""
 
@@ -95,6 +109,7 @@ class SupervisedGateway:
 
     async def start(self) -> list[int]:
         gw = self.cfg.teams.gateway
+        link_sockets(self.cfg, self.layout.run_dir)
         down = unreachable_backends(self.cfg.proxy)
         demo = demo_backends(self.cfg.proxy, down) if self.args.demo else {}
         for port, models in sorted(demo.items()):
