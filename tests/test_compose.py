@@ -341,6 +341,9 @@ def test_db_mode_as_docs_deploy_enables_it_passes_llmgate_check(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "auth_request" in (tmp_path / "run" / "nginx-staging" / "nginx.conf").read_text()  # every key asks authsvc
     assert "--config" in command(services()["authsvc"])  # which reads database_url from config.compose.yaml
+    # authsvc puts proxycore's spend into the database from the usage log: it must see the log directory
+    log_dir = yaml.safe_load((COMPOSE_DIR / "teams.compose.yaml").read_text())["gateway"]["log_dir"]
+    assert any(target == log_dir for _, target in volume_mounts(services()["authsvc"])), services()["authsvc"]["volumes"]
 
 
 def test_llmgate_check_refuses_a_broken_compose_teams_file(tmp_path):

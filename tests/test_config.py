@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from controller.model.config import ConfigError, load_proxy_config
+from controller.model.config import load_proxy_config
+from controller.model.yamlpath import ConfigError
 from support import LLMGATE, ROOT
 
 # As LiteLLM's docs write it for vLLM (providers/vllm and proxy/configs pages).

@@ -3,7 +3,7 @@ header and hashed, how keys are compared, what authsvc tells nginx about a virtu
 internal key of a dedicated instance.
 
 nginx/llmgate.js implements `bearer_token` and `key_hash` again in njs (nginx cannot import Python);
-tests/test_contracts.py checks that both give the same hash for the same header.
+tests/test_key_hash_contract.py checks, through a real nginx, that both give the same hash for the same header.
 """
 
 from __future__ import annotations
