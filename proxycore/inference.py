@@ -85,8 +85,10 @@ def _request_id(request: web.Request) -> str:
 
 def key_policy(request: web.Request, key_id: str | None) -> KeyPolicy | None:
     """A virtual key's policy from authsvc (via nginx); ApiError when one was sent but cannot be read."""
+    if key_id is None:
+        return None
     header = request.headers.get(KEY_POLICY_HEADER)
-    if not header or key_id is None:
+    if not header:
         return None
     policy = KeyPolicy.from_header(header)
     if policy is None:
