@@ -57,43 +57,53 @@ class UsageRecord:
 
         Only what every reader relies on is required: ts, status, team and the token counts.
         """
-        if not isinstance(d, dict):
+        fields = report_fields(d)
+        if fields is None:
             return None
+        ts, status, team, prompt, completion, model, key_id, error, cost, latency, stream, ttft = fields
         get = d.get
-        ts, status, prompt, completion = get("ts"), get("status"), get("prompt_tokens"), get("completion_tokens")
-        team = get("team", 0)
-        if (type(ts) is not str or type(status) is not int or type(prompt) is not int
-                or type(completion) is not int or (team is not None and type(team) is not str)):
+        rid, key_hash, endpoint = get("request_id"), get("key_hash"), get("endpoint")
+        deployment, retries, fallback = get("deployment"), get("retries"), get("fallback")
+        return cls(ts, rid if type(rid) is str else "", team, key_id, key_hash if type(key_hash) is str else None,
+                   model, endpoint if type(endpoint) is str else "", deployment if type(deployment) is str else None,
+                   status, stream, prompt, completion, prompt + completion, cost, latency, ttft,
+                   retries if type(retries) is int else 0, fallback if type(fallback) is str else None, error)
+
+
+ReportFields = tuple[str, int, "str | None", int, int, "str | None", "str | None", "str | None", float, "float | None",
+                     bool, "float | None"]
+
+
+def report_fields(d: Any) -> ReportFields | None:
+    """The checked fields of a parsed line that `llmgate usage` sums, without building a record (reports read
+    months of lines): (ts, status, team, prompt_tokens, completion_tokens, model, key_id, error, cost,
+    latency_ms, stream, ttft_ms). None when the line does not have this shape; written flat for speed."""
+    if type(d) is not dict:
+        return None
+    try:
+        ts, status, team = d["ts"], d["status"], d["team"]
+        prompt, completion = d["prompt_tokens"], d["completion_tokens"]
+    except KeyError:
+        return None
+    if (type(ts) is not str or type(status) is not int or type(prompt) is not int
+            or type(completion) is not int or (team is not None and type(team) is not str)):
+        return None
+    if len(ts) != 24 or ts[23] != "Z":  # not the format proxycore writes: normalise it
+        try:
+            ts = usage_timestamp(parse_timestamp(ts))
+        except ValueError:
             return None
-        if len(ts) != 24 or ts[23] != "Z":  # not the format proxycore writes: normalise it
-            try:
-                ts = usage_timestamp(parse_timestamp(ts))
-            except ValueError:
-                return None
-        cost, latency, ttft = get("cost"), get("latency_ms"), get("ttft_ms")
-        rid, key_hash = get("request_id"), get("key_hash")
-        return cls(ts, rid if type(rid) is str else "", team, _text(get("key_id")),
-                   key_hash if type(key_hash) is str else None, _text(get("model")), _text(get("endpoint")) or "",
-                   _text(get("deployment")), status, get("stream") is True, prompt, completion,
-                   prompt + completion, _number(cost) or 0.0,
-                   _number(latency),
-                   _number(ttft), _whole(get("retries")), _text(get("fallback")),
-                   _text(get("error")))
+    get = d.get
+    model, key_id, error, cost, latency, ttft = (get("model"), get("key_id"), get("error"), get("cost"),
+                                                 get("latency_ms"), get("ttft_ms"))
+    return (ts, status, team, prompt, completion, model if type(model) is str else None,
+            key_id if type(key_id) is str else None, error if type(error) is str else None,
+            cost if type(cost) is float else float(cost) if type(cost) is int else 0.0,
+            latency if type(latency) is float else float(latency) if type(latency) is int else None,
+            get("stream") is True, ttft if type(ttft) is float else float(ttft) if type(ttft) is int else None)
 
 
 FIELDS = tuple(f.name for f in fields(UsageRecord))
-
-
-def _text(v: Any) -> str | None:
-    return v if type(v) is str else None
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if type(v) in (int, float) else None
-
-
-def _whole(v: Any) -> int:
-    return v if type(v) is int else 0
 
 
 # ---------------------------------------------------------------- time

@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import orjson
 
-from controller.model.usage_record import UsageRecord, month_start, parse_timestamp, usage_timestamp
+from controller.model.usage_record import month_start, parse_timestamp, report_fields, usage_timestamp
 
 GROUP_FIELDS = ("team", "model", "day", "key")
 OUTCOMES = ("ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors", "server_errors")
@@ -179,23 +179,24 @@ class UsageReport:
 
     def add_usage(self, d: dict) -> bool:
         """A proxycore usage line; False when it does not have the current shape."""
-        r = UsageRecord.from_json(d)
-        if r is None or r.latency_ms is None:
+        r = report_fields(d)
+        if r is None:
             return False
-        ts, team = r.ts, r.team
+        ts, status, team, prompt, completion, model, key, error, cost, latency, stream, ttft = r
+        if latency is None:
+            return False
         if (self._since is not None or self._until is not None or self.filters.team is not None) and not self._keep(ts, team):
             return True
-        g = self._group(team, r.model, ts[:10], r.key_id)
+        g = self._group(team, model, ts[:10], key)
         g.requests += 1
-        status = r.status
-        g.outcomes[0 if 200 <= status < 300 else outcome(status, r.error)] += 1
-        g.prompt_tokens += r.prompt_tokens
-        g.completion_tokens += r.completion_tokens
-        if r.cost:
-            g.cost_usd += r.cost
-        g.latency.add(r.latency_ms)
-        if r.stream and r.ttft_ms is not None:
-            g.ttft.add(r.ttft_ms)
+        g.outcomes[0 if 200 <= status < 300 else outcome(status, error)] += 1
+        g.prompt_tokens += prompt
+        g.completion_tokens += completion
+        if cost:
+            g.cost_usd += cost
+        g.latency.add(latency)
+        if stream and ttft is not None:
+            g.ttft.add(ttft)
         return True
 
     def add_access(self, d: dict) -> bool:
