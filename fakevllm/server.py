@@ -737,6 +737,7 @@ async def fake_last(request: web.Request) -> web.Response:
             "path": entry.path,
             "headers": {str(name): value for name, value in entry.headers.items()},
             "body": _parse_or_none(entry.raw_body),
+            "raw_b64": base64.b64encode(entry.raw_body).decode(),  # the bytes as they arrived
             "ts": entry.ts,
         }
         for entry in request.app[FAKE].last
@@ -744,10 +745,13 @@ async def fake_last(request: web.Request) -> web.Response:
 
 
 def _parse_or_none(raw: bytes) -> Any:
+    """The body parsed, or None when it is not JSON or too deep for orjson to write back out (254 levels)."""
     try:
-        return orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
+        parsed = orjson.loads(raw) if raw else None
+        orjson.dumps(parsed)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return None
+    return parsed
 
 
 async def fake_config(request: web.Request) -> web.Response:

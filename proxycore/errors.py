@@ -31,6 +31,19 @@ def error_response(status: int, message: str, code: str | None, param: str | Non
     return web.Response(status=status, body=error_body(status, message, code, param, type_), headers=h)
 
 
+def is_openai_error(raw: bytes) -> bool:
+    """A body of the OpenAI error shape: {"error": {"message": str, ...}}, to pass on as it came."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    inner = data.get("error") if isinstance(data, dict) else None
+    return isinstance(inner, dict) and isinstance(inner.get("message"), str) and set(inner) <= _ERROR_FIELDS
+
+
+_ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
 def upstream_error_message(raw: bytes) -> tuple[str, str | None, str | None]:
     """(message, type, param) from a backend's error body, whatever its shape (vLLM's flat or OpenAI's nested)."""
     try:

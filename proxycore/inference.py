@@ -21,7 +21,8 @@ from aiohttp import HttpVersion11, web
 from controller.model.usage_record import Clock, UsageRecord, usage_timestamp
 from controller.model.wire import KEY_POLICY_HEADER, REQUEST_ID_HEADER, KeyPolicy
 from proxycore import metrics
-from proxycore.errors import ApiError, error_response, upstream_error_message
+from proxycore.body import BodyError, parse_json_object, rewrite, with_model
+from proxycore.errors import ApiError, error_response, is_openai_error, upstream_error_message
 from proxycore.limits import Charge, admit_key, admit_team, check_model
 from proxycore.live import LiveConfig, ServedConfig, authenticate
 from proxycore.meters import Meters
@@ -42,7 +43,6 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _CLIENT_HIGH_WATER = 256 * 1024  # bytes waiting for a slow client before the backend's stream is paused
-_REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 UNAUTHORIZED = "Invalid or missing API key. Send `Authorization: Bearer <key>`."
 POLICY_UNREADABLE = "The key's policy could not be read; try again."
 
@@ -118,7 +118,7 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
             raise ApiError(401, UNAUTHORIZED, "invalid_api_key")
         if served.only_team is not None and team != served.only_team:
             raise ApiError(403, f"This proxycore serves team `{served.only_team}` only.", "wrong_instance")
-        body = await _read_body(request, kind, served)
+        raw, body = await _read_body(request, served)
         ex.model = body["model"]
         ex.stream = body.get("stream") is True
         if ex.stream and request.version < HttpVersion11:
@@ -141,8 +141,8 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
                 raise ApiError(401, POLICY_UNREADABLE, "invalid_api_key")
             admit_key(meters, ex.key_policy, team, ex.model, body, body_bytes, kind, ex.charges)
         if ex.stream:
-            return await _relay_stream(request, served, body, group, ex)
-        return await _relay_unary(request, served, body, group, ex)
+            return await _relay_stream(request, served, raw, body, group, ex)
+        return await _relay_unary(request, served, raw, group, ex)
     except ApiError as refusal:
         ex.status, ex.error = refusal.status, refusal.code
         return refusal.response({REQUEST_ID_HEADER: ex.request_id})
@@ -154,7 +154,10 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         _record(app, ex)
 
 
-async def _read_body(request: web.Request, kind: str, served: ServedConfig) -> dict:
+async def _read_body(request: web.Request, served: ServedConfig) -> tuple[bytes, dict]:
+    """The body as sent, and its parse. Refused here only what cannot be routed: a body over the limit,
+    one that is not a JSON object, no `model`, or a `stream` or `stream_options` proxycore cannot act on;
+    every other parameter is the backend's to check."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -162,33 +165,19 @@ async def _read_body(request: web.Request, kind: str, served: ServedConfig) -> d
         raise ApiError(413, f"Request body is larger than the limit of {limit_mb:g} MB "
                        "(general_settings.max_request_size_mb).", "request_too_large") from None
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"The body is not valid UTF-8 JSON: {exc}.", "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The body must be a JSON object.", "invalid_json")
+        body = parse_json_object(raw)
+    except BodyError as exc:
+        raise ApiError(400, str(exc), "invalid_json") from None
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "`model` is required and must be a string.", "invalid_type", "model")
-    required = _REQUIRED_FIELD[kind]
-    value = body.get(required)
-    if kind == "chat":
-        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-            raise ApiError(400, "`messages` must be a non-empty list of message objects.", "invalid_type", "messages")
-    elif not isinstance(value, (str, list)) or isinstance(value, list) and not value:
-        raise ApiError(400, f"`{required}` is required and must be a string or a non-empty list.",
-                       "invalid_type", required)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "`stream` must be true or false.", "invalid_type", "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        v = body.get(name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-            raise ApiError(400, f"`{name}` must be a non-negative integer.", "invalid_type", name)
-    return body
+    return raw, body
 
 
 # ---------------------------------------------------------------- deployments: pick, retry, fall back
@@ -230,7 +219,7 @@ def _attempt_failed(served: ServedConfig, ex: Exchange, kind: str) -> None:
         metrics.DEPLOYMENT_UP.labels(dep.d.id).set(0)
 
 
-async def _call_upstream(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes, group: ModelGroup,
                          ex: Exchange) -> tuple[UpstreamResponse, bytes | None]:
     """POST to deployments until one answers with a status we pass on (not 5xx, not 429).
 
@@ -241,6 +230,7 @@ async def _call_upstream(request: web.Request, served: ServedConfig, body: dict,
     router = served.config.router
     strategy = router.routing_strategy
     last: ApiError | None = None
+    payloads: dict[str, bytes] = {}
     for plan_index, g in enumerate(_attempt_plan(served, group)):
         tried: set[DeploymentState] = set()
         allowed: int | None = None
@@ -263,13 +253,15 @@ async def _call_upstream(request: web.Request, served: ServedConfig, body: dict,
                 now = time.monotonic()
             tried.add(dep)
             ex.fallback = g.name if plan_index else None
-            body["model"] = dep.d.upstream_model
+            payload = payloads.get(dep.d.upstream_model)
+            if payload is None:  # the client's bytes, with only the backend's id for the model in them
+                payload = payloads[dep.d.upstream_model] = with_model(raw, dep.d.upstream_model)
             headers = dict(dep.headers)
             headers[REQUEST_ID_HEADER] = ex.request_id
             _hold(ex, dep, now)
             try:
                 wait = dep.stream_idle_timeout if ex.stream else dep.unary_timeout
-                resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=orjson.dumps(body),
+                resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=payload,
                                              connect_timeout=dep.connect_timeout, first_byte_timeout=wait,
                                              read_timeout=wait)
                 if resp.status >= 500 or resp.status == 429:
@@ -310,22 +302,27 @@ async def _failure_from_status(resp: UpstreamResponse, dep: DeploymentState, g: 
                     "backend_error")
 
 
-def _passthrough_error(resp_status: int, raw: bytes, ex: Exchange) -> web.Response:
-    """A backend's own 4xx (bad parameters and the like), reshaped as an OpenAI error."""
+def _passthrough_error(resp: UpstreamResponse, raw: bytes, ex: Exchange) -> web.Response:
+    """A backend's own 4xx (bad parameters and the like): its body as it came when it is an OpenAI error,
+    else reshaped into one with the backend's status."""
+    ex.status, ex.error = resp.status, "backend_rejected"
+    headers = {REQUEST_ID_HEADER: ex.request_id}
+    if is_openai_error(raw):
+        headers["Content-Type"] = "application/json"
+        return web.Response(status=resp.status, body=raw, headers=headers)
     message, type_, param = upstream_error_message(raw)
-    ex.status, ex.error = resp_status, "backend_rejected"
-    return error_response(resp_status, message, None, param, type_, headers={REQUEST_ID_HEADER: ex.request_id})
+    return error_response(resp.status, message, None, param, type_, headers=headers)
 
 
 # ---------------------------------------------------------------- relaying the answer
 
-async def _relay_unary(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+async def _relay_unary(request: web.Request, served: ServedConfig, body_raw: bytes, group: ModelGroup,
                        ex: Exchange) -> web.Response:
-    resp, raw = await _call_upstream(request, served, body, group, ex)
+    resp, raw = await _call_upstream(request, served, body_raw, group, ex)
     assert raw is not None and ex.deployment is not None
     ex.ttft_s = time.monotonic() - ex.started
     if resp.status != 200:
-        return _passthrough_error(resp.status, raw, ex)
+        return _passthrough_error(resp, raw, ex)
     try:
         usage = orjson.loads(raw).get("usage") or {}
     except (orjson.JSONDecodeError, AttributeError):
@@ -338,16 +335,16 @@ async def _relay_unary(request: web.Request, served: ServedConfig, body: dict, g
                                            REQUEST_ID_HEADER: ex.request_id})
 
 
-async def _relay_stream(request: web.Request, served: ServedConfig, body: dict, group: ModelGroup,
+async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, body: dict, group: ModelGroup,
                         ex: Exchange) -> web.StreamResponse:
     options = body.get("stream_options")
     # vLLM's include_usage defaults to true once stream_options is present at all.
     strip_usage = options is None or options.get("include_usage", True) is not True
     if strip_usage:
-        options = options or {}
         # Ask for usage so that we can log it; the client never sees the extra chunk.
-        body["stream_options"] = {**options, "include_usage": True}
-    resp, _ = await _call_upstream(request, served, body, group, ex)
+        asked = orjson.dumps({**(options or {}), "include_usage": True})
+        raw = rewrite(raw, {"stream_options": asked}) if options is not None else rewrite(raw, {}, {"stream_options": asked})
+    resp, _ = await _call_upstream(request, served, raw, group, ex)
     assert ex.deployment is not None
     dep_id = ex.deployment.d.id
     try:
@@ -357,7 +354,7 @@ async def _relay_stream(request: web.Request, served: ServedConfig, body: dict, 
                 _attempt_failed(served, ex, "invalid_response")
                 raise ApiError(502, f"Deployment `{dep_id}` answered a stream request without an event stream.",
                                "backend_invalid_response")
-            return _passthrough_error(resp.status, raw, ex)
+            return _passthrough_error(resp, raw, ex)
         out = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID_HEADER: ex.request_id})
         await out.prepare(request)
         request.writer.send_headers()  # the events below go straight to the transport

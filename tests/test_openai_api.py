@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import openai
@@ -23,7 +24,7 @@ def gateway(spawn, tmp_path):
     ])
     log = tmp_path / "usage.jsonl"
     _, base = start_proxy(spawn, cfg, "--usage-log", str(log), env={"LLMGATE_INTERNAL_KEY": INTERNAL_KEY})
-    return {"base": base, "backend": api_base, "log": log}
+    return {"base": base, "backend": api_base, "embedder": emb_base, "log": log}
 
 
 def sdk(gateway, key: str = MASTER_KEY, **kw) -> openai.OpenAI:
@@ -130,3 +131,16 @@ def test_health_endpoints(gateway):
     assert http("GET", base + "/health").status == 401
     h = http("GET", base + "/health", headers={"Authorization": f"Bearer {MASTER_KEY}"}).json()
     assert h["healthy_count"] == 2 and {e["deployment"] for e in h["healthy_endpoints"]} == {"llama-a", "embedder/1"}
+
+
+def test_the_body_reaches_the_backend_as_the_client_wrote_it(gateway):
+    """Only `model` changes (to the backend's id): numbers beyond 64 bits, exponents, spacing, key order and
+    fields llmgate does not know pass byte for byte."""
+    raw = (b'{"input": "x",  "encoding_format":"float",\n "model" : "embedder", "vllm_xargs": {"big": '
+           b'1180591620717411303424, "f": 0.10000000000000000001, "e": 1E-7}, "nested": ' + b"[" * 300 + b"]" * 300
+           + b"}")
+    r = http("POST", gateway["base"] + "/v1/embeddings", raw,
+             {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"})
+    assert r.status == 200, r.text
+    seen = http("GET", gateway["embedder"].removesuffix("/v1") + "/fake/last").json()[-1]
+    assert base64.b64decode(seen["raw_b64"]) == raw.replace(b'"embedder"', b'"bge-small"')
