@@ -48,7 +48,7 @@ EMBEDDING_DIMS = 16
 LAST_REQUESTS_KEPT = 50
 DIE_AFTER_CHUNKS = 2
 KEEPALIVE_TIMEOUT_S = 5.0  # uvicorn's default, which vLLM keeps (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
-MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang")
+MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang", "invalid-500")
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven silver owls watch from an old oak "
@@ -813,6 +813,9 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
         else:
             response = await handler(request)
     except VllmError as error:
+        if error.status == 400 and fake.config.mode == "invalid-500":
+            # llama-cpp-python answers a request it cannot validate (a bad schema, a wrong type) with a 500
+            error = VllmError(500, f"Internal Server Error: {error.message}", "internal_server_error")
         response = error.response()
     except web.HTTPException as exc:  # unknown route, wrong method, body too large
         response = _json({"detail": exc.reason}, status=exc.status)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import sys
 import time
@@ -36,8 +37,8 @@ from proxycore.inference import (
 )
 from proxycore.live import LiveConfig, authenticate
 from proxycore.meters import Meters
-from proxycore.router import DeploymentState
-from proxycore.upstream import UpstreamClient, UpstreamError
+from proxycore.router import DeploymentState, ModelGroup
+from proxycore.upstream import UpstreamClient, UpstreamConnectError, UpstreamError, UpstreamTimeout
 from proxycore.usage_log import UsageLog
 
 log = logging.getLogger("llmgate.proxy")
@@ -46,8 +47,13 @@ STARTED = web.AppKey("started", float)
 
 # ---------------------------------------------------------------- models, health, metrics
 
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "llmgate"}
+def _model_card(group: ModelGroup, created: int) -> dict:
+    """The backend's own card for the group's first deployment that has one (max_model_len, root, parent and
+    owned_by kept), under the gateway's model name; a plain card until a probe has read one."""
+    for s in group.members:
+        if s.card is not None:
+            return {**s.card, "id": group.name}
+    return {"id": group.name, "object": "model", "created": created, "owned_by": "llmgate"}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -63,7 +69,7 @@ async def list_models(request: web.Request) -> web.Response:
         return refusal.response()
     if policy is not None and policy.models is not None:
         names = [n for n in names if n in policy.models]
-    data = [_model_card(n, created) for n in names]
+    data = [_model_card(served.groups[n], created) for n in names]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
@@ -75,7 +81,7 @@ async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name not in served.models_for(team):
         return error_response(404, f"The model `{name}` does not exist.", "model_not_found", "model")
-    return web.Response(body=orjson.dumps(_model_card(name, int(request.app[STARTED]))),
+    return web.Response(body=orjson.dumps(_model_card(served.groups[name], int(request.app[STARTED]))),
                         content_type="application/json")
 
 
@@ -106,7 +112,12 @@ async def health(request: web.Request) -> web.Response:
             if s.up:
                 healthy.append(entry)
             else:
-                entry["retry_in_s"] = round(max(0.0, s.down_until - now), 3)
+                entry["reason"] = s.down_reason
+                if s.down_by == "misconfigured":
+                    entry["misconfigured"] = True
+                    entry["served_models"] = list(s.served_ids or ())
+                elif s.down_by == "requests":
+                    entry["retry_in_s"] = round(max(0.0, s.down_until - now), 3)
                 unhealthy.append(entry)
     return web.json_response({"healthy_endpoints": healthy, "unhealthy_endpoints": unhealthy,
                               "healthy_count": len(healthy), "unhealthy_count": len(unhealthy)})
@@ -136,40 +147,80 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- health probes
 
+PROBE_TIMEOUT_S = 5.0
+_PROBE_JITTER = 0.2  # each deployment's next probe lands within ±20 % of the interval
+
+
 async def _health_checks(app: web.Application) -> None:
-    """Probe deployments out of rotation once their cooldown is over; bring back those that answer."""
+    """Probe every deployment at start and then every health_check_interval (jittered), and a deployment that
+    cooled down after request failures as soon as its cooldown ends."""
     session = app[HTTP]
-    last_full = time.monotonic()
+    probing: set[DeploymentState] = set()
     while True:
-        await asyncio.sleep(0.5)
         served = app[LIVE].served
         now = time.monotonic()
-        full = now - last_full >= served.config.health_check_interval
-        if full:
-            last_full = now
+        interval = served.config.health_check_interval
         for g in served.groups.values():
             for s in g.members:
-                if (not s.up and now >= s.down_until) or full:
-                    asyncio.ensure_future(_probe(app, session, s))
+                due = now >= s.next_probe_at or (not s.up and s.down_by == "requests" and now >= s.down_until)
+                if due and s not in probing:
+                    s.next_probe_at = now + interval * random.uniform(1 - _PROBE_JITTER, 1 + _PROBE_JITTER)
+                    probing.add(s)
+                    asyncio.ensure_future(_probe_once(app, session, s, probing))
+        await asyncio.sleep(0.25)
+
+
+async def _probe_once(app: web.Application, session: UpstreamClient, s: DeploymentState,
+                      probing: set[DeploymentState]) -> None:
+    try:
+        await _probe(app, session, s)
+    finally:
+        probing.discard(s)
 
 
 async def _probe(app: web.Application, session: UpstreamClient, s: DeploymentState) -> None:
+    """GET <api_base>/models: the backend answers, and serves the deployment's upstream model id."""
+    problem, misconfigured = None, False
     try:
-        resp = await session.request("GET", s.urls["models"], headers=s.headers, connect_timeout=5,
-                                     first_byte_timeout=5, read_timeout=5)
-        await resp.read()
-        healthy = resp.status == 200
-    except UpstreamError:
-        healthy = False
-    router = app[LIVE].served.config.router
-    if healthy:
-        if not s.up:
-            s.recovered()
-    elif s.up:
-        s.failed(time.monotonic(), router.allowed_fails, router.cooldown_time)
-    else:
-        s.down_until = time.monotonic() + router.cooldown_time
+        resp = await session.request("GET", s.urls["models"], headers=s.headers, connect_timeout=PROBE_TIMEOUT_S,
+                                     first_byte_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S)
+        raw = await resp.read()
+        if resp.status != 200:
+            problem = f"GET {s.urls['models']} answered {resp.status}"
+        else:
+            cards = _model_cards(raw)
+            if cards is None:
+                problem = f"GET {s.urls['models']} answered 200 without a model list"
+            else:
+                s.served_ids = tuple(cards)
+                s.card = cards.get(s.d.upstream_model)
+                if s.card is None:
+                    problem = (f"the backend at {s.d.api_base} does not serve `{s.d.upstream_model}`; it serves: "
+                               f"{', '.join(cards) or 'nothing'}")
+                    misconfigured = True
+    except UpstreamTimeout:
+        problem = f"no answer from {s.urls['models']} within {PROBE_TIMEOUT_S:g} s"
+    except UpstreamConnectError as exc:
+        problem = f"cannot connect to {s.d.api_base}: {exc}"
+    except UpstreamError as exc:
+        problem = f"GET {s.urls['models']} failed: {type(exc).__name__}"
+    change = s.probed(time.monotonic(), problem, misconfigured)
+    if change == "left":
+        print(f"llmgate: deployment {s.d.id} left rotation: {problem}", file=sys.stderr, flush=True)
+    elif change == "rejoined":
+        print(f"llmgate: deployment {s.d.id} is back in rotation", file=sys.stderr, flush=True)
     metrics.DEPLOYMENT_UP.labels(s.d.id).set(1 if s.up else 0)
+
+
+def _model_cards(raw: bytes) -> dict[str, dict] | None:
+    """id -> card of an OpenAI /models answer; None when it is not one."""
+    try:
+        data = orjson.loads(raw).get("data")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(data, list):
+        return None
+    return {c["id"]: c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)}
 
 
 # ---------------------------------------------------------------- the app and its lifecycle

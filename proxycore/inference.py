@@ -12,6 +12,7 @@ import itertools
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -209,20 +210,31 @@ def _release(ex: Exchange, answered: bool) -> None:
     metrics.in_flight(dep.d.id).dec()
 
 
-def _attempt_failed(served: ServedConfig, ex: Exchange, kind: str) -> None:
+def _attempt_failed(served: ServedConfig, ex: Exchange, kind: str, reason: str | None) -> None:
+    """End a failed attempt; `reason` (the deployment's fault, in words) counts toward allowed_fails, None not."""
     _release(ex, answered=False)
     dep = ex.deployment
     assert dep is not None
     metrics.BACKEND_ERRORS.labels(dep.d.id, kind).inc()
     r = served.config.router
-    if dep.failed(time.monotonic(), r.allowed_fails, r.cooldown_time):
+    if reason is not None and dep.failed(time.monotonic(), r.allowed_fails, r.cooldown_time, reason):
         metrics.DEPLOYMENT_UP.labels(dep.d.id).set(0)
+        print(f"llmgate: deployment {dep.d.id} left rotation for {r.cooldown_time:g} s: {reason}", file=sys.stderr,
+              flush=True)
+
+
+# A backend's status that says the deployment is in trouble (a 500 may as well be the request's own fault).
+DEPLOYMENT_FAULTS = frozenset({429, 502, 503, 504})
 
 
 async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes, group: ModelGroup,
                          ex: Exchange) -> tuple[UpstreamResponse, bytes | None]:
-    """POST to deployments until one answers with a status we pass on (not 5xx, not 429).
+    """POST to deployments until one answers with a status we pass on.
 
+    Connection errors, timeouts, 429 and 502-504 move on to another deployment and count toward its
+    allowed_fails. A 500 (or another 5xx but 502-504) moves on without counting; a 5xx from a second
+    deployment for the same request makes it the request's own fault: no more attempts, and the client
+    gets that answer as it came.
     Non-streaming bodies are read here too, so a response that breaks off is retried as well:
     nothing has reached the client yet. Streams return with the body unread.
     """
@@ -230,6 +242,7 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
     router = served.config.router
     strategy = router.routing_strategy
     last: ApiError | None = None
+    answered_5xx: set[DeploymentState] = set()
     payloads: dict[str, bytes] = {}
     for plan_index, g in enumerate(_attempt_plan(served, group)):
         tried: set[DeploymentState] = set()
@@ -239,7 +252,7 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
             dep = pick_deployment(g, strategy, tried, now) or pick_deployment(g, strategy, frozenset(), now)
             if dep is None:
                 last = last or ApiError(
-                    503, f"No deployment of `{g.name}` is available (all cooling down after failures); retry shortly.",
+                    503, f"No deployment of `{g.name}` is available (all out of rotation); retry shortly.",
                     "no_deployment_available", headers={"Retry-After": str(max(1, round(router.cooldown_time)))})
                 break
             if allowed is None:
@@ -259,14 +272,20 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
             headers = dict(dep.headers)
             headers[REQUEST_ID_HEADER] = ex.request_id
             _hold(ex, dep, now)
+            first_byte = dep.stream_first_byte_timeout if ex.stream else dep.first_byte_timeout
             try:
-                wait = dep.stream_idle_timeout if ex.stream else dep.unary_timeout
                 resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=payload,
-                                             connect_timeout=dep.connect_timeout, first_byte_timeout=wait,
-                                             read_timeout=wait)
+                                             connect_timeout=dep.connect_timeout, first_byte_timeout=first_byte,
+                                             read_timeout=dep.stream_idle_timeout if ex.stream else first_byte)
                 if resp.status >= 500 or resp.status == 429:
+                    if resp.status >= 500:
+                        answered_5xx.add(dep)
+                        if len(answered_5xx) >= 2:  # a second deployment says so too: the request's own fault
+                            return resp, None if ex.stream else await resp.read()
+                    counted = resp.status in DEPLOYMENT_FAULTS
                     last = await _failure_from_status(resp, dep, g)
-                    _attempt_failed(served, ex, "status_429" if resp.status == 429 else "status_5xx")
+                    _attempt_failed(served, ex, "status_429" if resp.status == 429 else "status_5xx",
+                                    f"{dep.d.api_base} answered {resp.status}" if counted else None)
                     continue
                 if ex.stream:
                     return resp, None
@@ -274,11 +293,11 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
             except UpstreamTimeout:
                 last = ApiError(504, f"Deployment `{dep.d.id}` of `{g.name}` timed out before answering.",
                                 "backend_timeout")
-                _attempt_failed(served, ex, "timeout")
+                _attempt_failed(served, ex, "timeout", f"{dep.d.api_base} sent nothing within {first_byte:g} s")
             except UpstreamError as exc:
                 last = ApiError(503, f"Could not reach deployment `{dep.d.id}` of `{g.name}`: "
                                 f"{type(exc).__name__}.", "backend_unreachable")
-                _attempt_failed(served, ex, "connect")
+                _attempt_failed(served, ex, "connect", f"cannot connect to {dep.d.api_base}: {type(exc).__name__}")
     assert last is not None
     raise last
 
@@ -303,9 +322,9 @@ async def _failure_from_status(resp: UpstreamResponse, dep: DeploymentState, g: 
 
 
 def _passthrough_error(resp: UpstreamResponse, raw: bytes, ex: Exchange) -> web.Response:
-    """A backend's own 4xx (bad parameters and the like): its body as it came when it is an OpenAI error,
-    else reshaped into one with the backend's status."""
-    ex.status, ex.error = resp.status, "backend_rejected"
+    """A backend's own 4xx (bad parameters and the like), or the 5xx a request got twice: its body as it came
+    when it is an OpenAI error, else reshaped into one with the backend's status."""
+    ex.status, ex.error = resp.status, "backend_rejected" if resp.status < 500 else "backend_error"
     headers = {REQUEST_ID_HEADER: ex.request_id}
     if is_openai_error(raw):
         headers["Content-Type"] = "application/json"
@@ -326,7 +345,7 @@ async def _relay_unary(request: web.Request, served: ServedConfig, body_raw: byt
     try:
         usage = orjson.loads(raw).get("usage") or {}
     except (orjson.JSONDecodeError, AttributeError):
-        _attempt_failed(served, ex, "invalid_response")
+        _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered 200 without JSON")
         raise ApiError(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
                        "backend_invalid_response") from None
     _take_usage(ex, usage)
@@ -351,7 +370,7 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
         if resp.status != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
             raw = await resp.read()
             if resp.status == 200:
-                _attempt_failed(served, ex, "invalid_response")
+                _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered a stream without SSE")
                 raise ApiError(502, f"Deployment `{dep_id}` answered a stream request without an event stream.",
                                "backend_invalid_response")
             return _passthrough_error(resp, raw, ex)

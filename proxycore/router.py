@@ -15,15 +15,27 @@ from controller.model.config import Deployment, ProxyConfig
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
                   "models": "/models"}
 FAIL_WINDOW_S = 60.0
+PROBE_FAILURES_TO_LEAVE = 3  # probes in a row that fail before a deployment leaves rotation
+PROBE_SUCCESSES_TO_RETURN = 2  # probes in a row that pass before it comes back
+FIRST_BYTE_TIMEOUT_S = 30.0  # when litellm_params sets no timeout: a frozen backend fails over after this
+STREAM_IDLE_TIMEOUT_S = 600.0  # the longest silence inside a stream, when nothing is set
 _RNG = random.Random()
 LATENCY_EXPLORE = 0.1  # share of latency-based picks that go to a random deployment, to keep measurements fresh
 
 
 class DeploymentState:
-    """A deployment plus what the router learns about it while serving."""
+    """A deployment plus what the router learns about it while serving: load, latency, and health.
 
-    __slots__ = ("d", "urls", "headers", "connect_timeout", "unary_timeout", "stream_idle_timeout", "in_flight", "latency_s",
-                 "minute", "minute_requests", "minute_tokens", "fail_times", "down_until", "up")
+    A deployment leaves rotation when requests fail (`allowed_fails` countable failures within
+    FAIL_WINDOW_S: it cools down for `cooldown_time`, then one good probe brings it back), when
+    PROBE_FAILURES_TO_LEAVE probes in a row fail (PROBE_SUCCESSES_TO_RETURN good ones in a row bring
+    it back), or when its backend does not serve its upstream model id (misconfigured, until it does).
+    """
+
+    __slots__ = ("d", "urls", "headers", "connect_timeout", "first_byte_timeout", "stream_first_byte_timeout",
+                 "stream_idle_timeout", "in_flight", "latency_s", "minute", "minute_requests", "minute_tokens",
+                 "fail_times", "down_until", "up", "down_reason", "down_by", "probe_failures", "probe_successes",
+                 "next_probe_at", "card", "served_ids")
 
     def __init__(self, d: Deployment):
         self.d = d
@@ -31,9 +43,11 @@ class DeploymentState:
         self.headers = {"Content-Type": "application/json"}
         if d.api_key:
             self.headers["Authorization"] = f"Bearer {d.api_key}"
-        self.connect_timeout = min(d.timeout, 10.0)
-        self.unary_timeout = d.timeout  # the whole answer: vLLM sends a non-streamed one at once
-        self.stream_idle_timeout = d.stream_timeout or d.timeout  # the longest silence inside a stream
+        self.connect_timeout = min(d.timeout or FIRST_BYTE_TIMEOUT_S, 10.0)
+        # A non-streamed answer's first byte is the whole answer: `timeout` bounds it (a frozen backend fails over).
+        self.first_byte_timeout = d.timeout or FIRST_BYTE_TIMEOUT_S
+        self.stream_first_byte_timeout = d.stream_timeout or d.timeout or FIRST_BYTE_TIMEOUT_S
+        self.stream_idle_timeout = d.stream_timeout or d.timeout or STREAM_IDLE_TIMEOUT_S  # silence inside a stream
         self.in_flight = 0
         self.latency_s: float | None = None  # moving average of time to first byte
         self.minute = 0
@@ -42,6 +56,13 @@ class DeploymentState:
         self.fail_times: deque[float] = deque()
         self.down_until = 0.0
         self.up = True
+        self.down_reason: str | None = None  # why it left rotation, in words
+        self.down_by: str | None = None  # requests | probes | misconfigured
+        self.probe_failures = 0  # in a row
+        self.probe_successes = 0  # in a row
+        self.next_probe_at = 0.0  # the first probe goes at once
+        self.card: dict | None = None  # the backend's /models entry for the upstream id
+        self.served_ids: tuple[str, ...] | None = None  # every id the backend serves, as its last probe said
 
     # -- accounting
     def _roll_minute(self, now: float) -> None:
@@ -67,21 +88,45 @@ class DeploymentState:
         return (d.rpm is None or self.minute_requests < d.rpm) and (d.tpm is None or self.minute_tokens < d.tpm)
 
     # -- health
-    def failed(self, now: float, allowed_fails: int, cooldown_s: float) -> bool:
-        """Count a failure; return True when this one took the deployment out of rotation."""
+    def failed(self, now: float, allowed_fails: int, cooldown_s: float, reason: str) -> bool:
+        """Count a request's failure that is the deployment's (connect, timeout, 502-504, 429); True when this one
+        took the deployment out of rotation."""
         times = self.fail_times
         times.append(now)
         while times and now - times[0] > FAIL_WINDOW_S:
             times.popleft()
         if self.up and len(times) >= allowed_fails:
-            self.up = False
+            self._leave("requests", reason)
             self.down_until = now + cooldown_s
             return True
         return False
 
-    def recovered(self) -> None:
-        self.up = True
-        self.fail_times.clear()
+    def probed(self, now: float, problem: str | None, misconfigured: bool = False) -> str | None:
+        """Take in one probe's result (None: it answered and serves the upstream id). Returns "left" or
+        "rejoined" when this result moved the deployment out of or into rotation, else None."""
+        if problem is None:
+            self.probe_failures, self.probe_successes = 0, self.probe_successes + 1
+            if not self.up and (self.down_by != "probes" or self.probe_successes >= PROBE_SUCCESSES_TO_RETURN):
+                if self.down_by == "requests" and now < self.down_until:
+                    return None  # still cooling down after request failures
+                self.up, self.down_reason, self.down_by = True, None, None
+                self.fail_times.clear()
+                return "rejoined"
+            return None
+        self.probe_successes, self.probe_failures = 0, self.probe_failures + 1
+        if misconfigured:
+            was_up = self.up
+            self._leave("misconfigured", problem)
+            return "left" if was_up else None
+        if self.up and self.probe_failures >= PROBE_FAILURES_TO_LEAVE:
+            self._leave("probes", problem)
+            return "left"
+        if not self.up and self.down_by == "requests":
+            self.down_until = max(self.down_until, now)  # still failing: the next probe decides again
+        return None
+
+    def _leave(self, by: str, reason: str) -> None:
+        self.up, self.down_by, self.down_reason = False, by, reason
 
 
 @dataclass

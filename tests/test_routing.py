@@ -36,7 +36,13 @@ def fake_config(base_v1: str, **settings) -> None:
 
 
 def stats(base_v1: str) -> dict:
-    return http("GET", base_v1.removesuffix("/v1") + "/fake/stats").json()
+    """The fake's counters, with "requests" and "completed" counting model requests only: health probes
+    (GET /v1/models, from the start on) are not requests the router sent."""
+    current = http("GET", base_v1.removesuffix("/v1") + "/fake/stats").json()
+    probes = current["by_path"].get("/v1/models", 0)
+    current["requests"] -= probes
+    current["completed"] -= probes
+    return current
 
 
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}

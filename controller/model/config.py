@@ -39,8 +39,8 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
     order: int | None = None
-    timeout: float = 600.0
-    stream_timeout: float | None = None
+    timeout: float | None = None  # a non-streamed answer (its first byte is all of it); proxycore's default: 30 s
+    stream_timeout: float | None = None  # a stream's first byte, and the longest silence inside it
     max_retries: int | None = None
     input_cost_per_token: float = 0.0
     output_cost_per_token: float = 0.0
@@ -66,7 +66,7 @@ class ProxyConfig:
     master_key: str | None
     ssl_verify: bool | str = True
     max_request_bytes: int = 32 * 1024 * 1024
-    health_check_interval: float = 30.0
+    health_check_interval: float = 5.0  # seconds between probes of a deployment (jittered)
     database_url: str | None = None  # DB mode: virtual keys (sqlite:///path or postgresql://...)
     warnings: tuple[str, ...] = ()
 
@@ -107,7 +107,7 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
     master_key = None
     database_url = None
     max_request_bytes = 32 * 1024 * 1024
-    health_check_interval = 30.0
+    health_check_interval = 5.0
     if general is not None:
         general.expect_mapping()
         unsupported += general.unknown_keys(_GENERAL_KEYS)
@@ -117,7 +117,7 @@ def parse_proxy_config(root: Node) -> ProxyConfig:
         mb = general.opt("max_request_size_mb", scalars.positive_number)
         if mb is not None:
             max_request_bytes = int(mb * 1024 * 1024)
-        health_check_interval = general.opt("health_check_interval", scalars.positive_number) or 30.0
+        health_check_interval = general.opt("health_check_interval", scalars.positive_number) or 5.0
         database_url = general.opt("database_url", scalars.string)
         if database_url is not None:
             try:
@@ -237,7 +237,7 @@ def _parse_deployment(node: Node, index: int, router: RouterSettings, unsupporte
         mode = info.opt("mode", scalars.string)
         info_cost_in = info.opt("input_cost_per_token", scalars.non_negative_number)
         info_cost_out = info.opt("output_cost_per_token", scalars.non_negative_number)
-    timeout = params.opt("timeout", scalars.positive_number) or router.timeout or 600.0
+    timeout = params.opt("timeout", scalars.positive_number) or router.timeout
     return Deployment(
         id=dep_id,
         model_name=model_name,
