@@ -6,8 +6,14 @@ an unknown model is a 404 "NotFoundError"; the response "model" is always the fi
 (vLLM serves one model under aliases); `X-Request-Id` becomes the response id; `--api-key` guards
 only /v1 paths and answers `{"error": "Unauthorized"}`; chat chunks omit "usage" while completion
 chunks carry `"usage": null`; the usage-only chunk (`"choices": []`) comes only with
-`stream_options.include_usage`, which defaults to true once `stream_options` is present; idle
-keep-alive connections close after 5 s like uvicorn's.
+`stream_options.include_usage: true` (vLLM 0.32 defaults it to false, `"stream_options": {}`
+included), and `system_fingerprint` rides on it then, else on the terminal chunk; idle keep-alive
+connections close after 5 s like uvicorn's.
+
+Fault modes (/fake/config `mode`) imitate other backends too: `invalid-500` answers what it cannot
+validate with a 500 and `no-stream-usage` streams one token a chunk and never sends stream usage
+(both as llama-cpp-python's server does). /fake/stats counts the prompt tokens of every request
+that generated and the completion tokens written out, a stream cut short counting what went out.
 
 Generated text is deterministic: words from a fixed list, starting at a point chosen by the prompt.
 One word is one token. A streamed answer's concatenated text equals the non-streamed answer's.
@@ -48,7 +54,8 @@ EMBEDDING_DIMS = 16
 LAST_REQUESTS_KEPT = 50
 DIE_AFTER_CHUNKS = 2
 KEEPALIVE_TIMEOUT_S = 5.0  # uvicorn's default, which vLLM keeps (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
-MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang", "invalid-500")
+MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang", "invalid-500", "no-stream-usage")
+FINGERPRINT = "fp_fakevllm"  # what vLLM puts in system_fingerprint (vllm/entrypoints/openai/fingerprint.py)
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven silver owls watch from an old oak "
@@ -89,6 +96,8 @@ class FakeStats:
     completed: int = 0  # the server finished its side (any status, faults included)
     cancelled: int = 0  # the client went away before the response was finished
     by_path: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0  # of the requests that generated
+    completion_tokens: int = 0  # generated and written to the client (a stream cut short counts what went out)
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,10 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
             "stream_options", "value_error",
             "Value error, Stream options can only be defined when `stream=True`.", param="stream_options",
         )
-    # StreamOptions.include_usage defaults to True: `"stream_options": {}` asks for usage.
-    include_usage = _bool_field(options, "include_usage") if "include_usage" in options else True
+    # vLLM 0.32's StreamOptions.include_usage defaults to False (vllm/entrypoints/openai/protocol.py, measured
+    # against a real server): `"stream_options": {}` asks for no usage. should_include_usage
+    # (vllm/entrypoints/utils.py) gives continuous stats only together with include_usage.
+    include_usage = _bool_field(options, "include_usage")
     continuous = include_usage and _bool_field(options, "continuous_usage_stats")
     return include_usage, continuous
 
@@ -338,6 +349,15 @@ def _split(tokens: list[str], chunks: int) -> list[tuple[str, int]]:
     return pieces
 
 
+def _step_tokens(pieces: list[tuple[str, int]], n: int) -> list[int]:
+    """Tokens in each streamed step (every one of the n choices gets its piece)."""
+    counts, before = [], 0
+    for _, generated in pieces:
+        counts.append((generated - before) * n)
+        before = generated
+    return counts
+
+
 def _embedding(text: str) -> tuple[float, ...]:
     """A unit vector of float32 values derived from the text (float and base64 agree bit for bit)."""
     digest = hashlib.blake2b(text.encode(), digest_size=2 * EMBEDDING_DIMS).digest()
@@ -395,12 +415,16 @@ def _drop_connection(request: web.Request) -> None:
 
 
 async def _stream(
-    fake: FakeVLLM, request: web.Request, head: Iterable[bytes], steps: list[bytes], tail: Iterable[bytes]
+    fake: FakeVLLM, request: web.Request, head: Iterable[bytes], steps: list[bytes], tail: Iterable[bytes],
+    step_tokens: list[int],
 ) -> web.StreamResponse:
-    """Writes an SSE answer: head events, content steps paced by chunk_delay_ms, tail events."""
+    """Writes an SSE answer: head events, content steps paced by chunk_delay_ms, tail events.
+
+    `step_tokens[i]` tokens go out with step i: the stats count what was written before any disconnect."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     delay_ms = fake.config.chunk_delay_ms
     die = fake.config.mode == "die-mid-stream"
+    stats = fake.stats
     try:
         await response.prepare(request)
         for event in head:
@@ -409,6 +433,7 @@ async def _stream(
             if i:
                 await _sleep_ms(delay_ms)
             await response.write(step)
+            stats.completion_tokens += step_tokens[i]
         if die:
             _drop_connection(request)  # no [DONE], no terminating chunk
             return response
@@ -457,11 +482,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if fault is not None:
         return fault
 
-    pieces = _split(_generate("\n".join(seed_parts), count), fake.config.stream_chunks)
+    no_usage = fake.config.mode == "no-stream-usage"  # llama-cpp-python: one token a chunk, never stream usage
+    pieces = _split(_generate("\n".join(seed_parts), count), count if no_usage else fake.config.stream_chunks)
     rid, created = _response_id(request, "chatcmpl-"), int(time.time())
+    fake.stats.prompt_tokens += prompt_tokens
     if not stream:
         await _pace_whole_answer(fake, len(pieces))
         text = "".join(piece for piece, _ in pieces)
+        fake.stats.completion_tokens += count * n
         return _json({
             "id": rid,
             "object": "chat.completion",
@@ -482,7 +510,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 for i in range(n)
             ],
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": FINGERPRINT,
             "usage": {**_usage(prompt_tokens, count * n), "prompt_tokens_details": None},
             "prompt_logprobs": None,
             "prompt_token_ids": None,
@@ -495,6 +523,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         data: dict[str, Any] = {
             "id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice],
         }
+        if not include_usage and choice.get("finish_reason") is not None:
+            # vllm/entrypoints/openai/chat_completion/serving.py stamps the fingerprint on the terminal chunk,
+            # or, when usage is asked for, on the usage chunk that follows it
+            data["system_fingerprint"] = FINGERPRINT
         if generated is not None:
             data["usage"] = _usage(prompt_tokens, generated)
         if first:
@@ -520,13 +552,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
         steps.append(b"".join(chunk({"index": i, **choice}, generated if continuous else None) for i in range(n)))
     tail = [SSE_DONE]
-    if include_usage:
+    if include_usage and not no_usage:
         usage_chunk = {
             "id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-            "usage": _usage(prompt_tokens, count * n),
+            "usage": _usage(prompt_tokens, count * n), "system_fingerprint": FINGERPRINT,
         }
         tail.insert(0, _sse(usage_chunk))
-    return await _stream(fake, request, head, steps, tail)
+    return await _stream(fake, request, head, steps, tail, _step_tokens(pieces, n))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -545,10 +577,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = _int_field(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
     n = _sampling_checks(body)
     model = _served_model(fake, body)
+    no_usage = fake.config.mode == "no-stream-usage"  # llama-cpp-python: one token a chunk, never stream usage
     plans = []  # per prompt: (prompt text, prompt tokens, pieces, completion tokens, finish_reason)
     for text, prompt_tokens in prompts:
         count, finish_reason = _completion_length(prompt_tokens, max_tokens)
-        pieces = _split(_generate(text, count), fake.config.stream_chunks)
+        pieces = _split(_generate(text, count), count if no_usage else fake.config.stream_chunks)
         plans.append((text if echo else "", prompt_tokens, pieces, count, finish_reason))
     total_prompt = sum(plan[1] for plan in plans)
     total_completion = sum(plan[3] for plan in plans) * n
@@ -559,8 +592,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return fault
 
     rid, created = _response_id(request, "cmpl-"), int(time.time())
+    fake.stats.prompt_tokens += total_prompt
     if not stream:
         await _pace_whole_answer(fake, sum(len(plan[2]) for plan in plans))
+        fake.stats.completion_tokens += total_completion
         choices = [
             {
                 "index": p * n + i,
@@ -582,14 +617,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "model": model,
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": FINGERPRINT,
             "usage": {**_usage(total_prompt, total_completion), "prompt_tokens_details": None},
             "kv_transfer_params": None,
         })
 
     # Completion chunks are serialised in full: every field, "usage": null included.
-    steps = []
+    steps, step_tokens = [], []
     for p, (echoed, prompt_tokens, pieces, _, finish_reason) in enumerate(plans):
+        step_tokens += _step_tokens(pieces, n)
         for j, (piece, generated) in enumerate(pieces):
             last = j == len(pieces) - 1
             events = []
@@ -604,19 +640,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "token_ids": None,
                 }
                 usage = _usage(prompt_tokens, generated) if continuous else None
-                events.append(_sse({
-                    "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice],
-                    "usage": usage,
-                }))
+                data = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [choice], "usage": usage}
+                if last and not include_usage:
+                    data["system_fingerprint"] = FINGERPRINT
+                events.append(_sse(data))
             steps.append(b"".join(events))
     tail = [SSE_DONE]
-    if include_usage:
+    if include_usage and not no_usage:
         usage_chunk = {
             "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-            "usage": _usage(total_prompt, total_completion),
+            "usage": _usage(total_prompt, total_completion), "system_fingerprint": FINGERPRINT,
         }
         tail.insert(0, _sse(usage_chunk))
-    return await _stream(fake, request, (), steps, tail)
+    return await _stream(fake, request, (), steps, tail, step_tokens)
 
 
 def _text_inputs(value: Any, field_name: str) -> list[tuple[str, int]]:

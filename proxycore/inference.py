@@ -24,7 +24,7 @@ from controller.model.wire import KEY_POLICY_HEADER, REQUEST_ID_HEADER, KeyPolic
 from proxycore import metrics
 from proxycore.body import BodyError, parse_json_object, rewrite, with_model
 from proxycore.errors import ApiError, error_response, is_openai_error, upstream_error_message
-from proxycore.limits import Charge, admit_key, admit_team, check_model
+from proxycore.limits import Charge, admit_key, admit_team, check_model, estimate_prompt_tokens
 from proxycore.live import LiveConfig, ServedConfig, authenticate
 from proxycore.meters import Meters
 from proxycore.router import DeploymentState, ModelGroup, pick_deployment
@@ -71,6 +71,9 @@ class Exchange:
     fallback: str | None = None
     key_policy: KeyPolicy | None = None  # a virtual key's limits (DB mode)
     charges: list[Charge] = field(default_factory=list)  # what limits.py holds for this request
+    usage_source: str | None = None  # "backend" once the backend said its usage; see _settle_usage
+    prompt_estimate: int = 0  # the prompt's tokens as estimated from the body, for when the backend says nothing
+    relay: _SseRelay | None = None  # a stream's relay, which counts the events with generated text
 
 
 _ID_PREFIX = os.urandom(8).hex()
@@ -130,6 +133,7 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
             raise ApiError(404, f"The model `{ex.model}` does not exist. Available models: "
                            f"{', '.join(served.models_for(team)) or 'none'}.", "model_not_found", "model")
         ex.routed = True
+        ex.prompt_estimate = estimate_prompt_tokens(request.content_length or len(raw))
         check_model(served, team, ex.model)
         meters = app.get(METERS)
         policy = served.teams.get(team) if team else None
@@ -343,12 +347,16 @@ async def _relay_unary(request: web.Request, served: ServedConfig, body_raw: byt
     if resp.status != 200:
         return _passthrough_error(resp, raw, ex)
     try:
-        usage = orjson.loads(raw).get("usage") or {}
+        answer = orjson.loads(raw)
+        usage = answer.get("usage")
     except (orjson.JSONDecodeError, AttributeError):
         _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered 200 without JSON")
         raise ApiError(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
                        "backend_invalid_response") from None
-    _take_usage(ex, usage)
+    if isinstance(usage, dict):
+        _take_usage(ex, usage)
+    else:  # a backend that says nothing of usage: the answer's bytes, estimated as the prompt's are
+        ex.completion_tokens = estimate_prompt_tokens(len(raw))
     ex.status = 200
     return web.Response(body=raw, headers={"Content-Type": resp.headers.get("content-type", "application/json"),
                                            REQUEST_ID_HEADER: ex.request_id})
@@ -357,12 +365,15 @@ async def _relay_unary(request: web.Request, served: ServedConfig, body_raw: byt
 async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, body: dict, group: ModelGroup,
                         ex: Exchange) -> web.StreamResponse:
     options = body.get("stream_options")
-    # vLLM's include_usage defaults to true once stream_options is present at all.
-    strip_usage = options is None or options.get("include_usage", True) is not True
-    if strip_usage:
-        # Ask for usage so that we can log it; the client never sees the extra chunk.
-        asked = orjson.dumps({**(options or {}), "include_usage": True})
-        raw = rewrite(raw, {"stream_options": asked}) if options is not None else rewrite(raw, {}, {"stream_options": asked})
+    # vLLM 0.32 sends usage only when include_usage is true ("stream_options": {} asks for none). proxycore
+    # asks for it on every stream, so that every stream's tokens are counted, and hides what it added.
+    hide_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
+    if hide_usage:
+        # continuous_usage_stats without include_usage gives the client no usage: asked for, it would put
+        # usage on every chunk, which the client must not see either
+        asked = {k: v for k, v in (options or {}).items() if k != "continuous_usage_stats"}
+        value = orjson.dumps({**asked, "include_usage": True})
+        raw = rewrite(raw, {"stream_options": value}) if options is not None else rewrite(raw, {}, {"stream_options": value})
     resp, _ = await _call_upstream(request, served, raw, group, ex)
     assert ex.deployment is not None
     dep_id = ex.deployment.d.id
@@ -378,7 +389,7 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
         await out.prepare(request)
         request.writer.send_headers()  # the events below go straight to the transport
         ex.status = 200
-        relay = _SseRelay(request.transport, ex, strip_usage)
+        relay = ex.relay = _SseRelay(request.transport, ex, hide_usage)
         try:
             await resp.pipe(relay.feed, request.writer.drain)
             relay.finish()
@@ -386,6 +397,7 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
                 raise UpstreamProtocolError("the stream ended without data: [DONE]")
         except UpstreamError as exc:
             # Bytes already reached the client: no retry, and never a fake [DONE].
+            relay.finish()
             ex.status, ex.error = 502, "backend_stream_broken"
             metrics.BACKEND_ERRORS.labels(dep_id, "stream_broken").inc()
             message = f"The backend stream from deployment `{dep_id}` broke off: {type(exc).__name__}."
@@ -397,21 +409,31 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
         resp.close()  # on a client disconnect this drops the upstream connection, so vLLM aborts the request
 
 
+_CONTENT_KEYS = (b'"content":"', b'"text":"', b'"arguments":"', b'"reasoning_content":"', b'"reasoning":"')
+_EMPTY_CONTENT = (b'"content":""', b'"text":""', b'"arguments":""', b'"reasoning_content":""', b'"reasoning":""')
+
+
 class _SseRelay:
     """Server-sent events from the backend to the client, event by event, as the backend's bytes arrive.
 
     Runs inside the upstream connection's protocol (no task switch per chunk) and writes HTTP/1.1 chunks
     straight to the client's transport (HTTP/1.0 clients of streams were refused with 505). Holds an
-    incomplete event back so that the usage-only chunk can be recognised whole; everything else passes
-    byte for byte.
+    incomplete event back so that a usage chunk can be read whole; everything else passes byte for byte.
+
+    When proxycore asked for usage the client did not (`hide_usage`), the usage-only chunk is dropped, and
+    the terminal chunk (a finish_reason set) waits for it: vLLM then puts `system_fingerprint` on the usage
+    chunk instead of the terminal one, and the client gets it where it would have been. Events that carry
+    generated text are counted, for a backend that sends no usage and for a stream cut short.
     """
 
-    __slots__ = ("transport", "ex", "strip_usage", "pending", "saw_done")
+    __slots__ = ("transport", "ex", "hide_usage", "pending", "held", "saw_done", "counted")
 
-    def __init__(self, transport, ex: Exchange, strip_usage: bool):
-        self.transport, self.ex, self.strip_usage = transport, ex, strip_usage
+    def __init__(self, transport, ex: Exchange, hide_usage: bool):
+        self.transport, self.ex, self.hide_usage = transport, ex, hide_usage
         self.pending = b""
+        self.held = b""  # the terminal chunk, until the next event shows whether a usage chunk follows
         self.saw_done = False
+        self.counted = 0  # events with generated text (about one token each from vLLM and llama.cpp)
 
     def feed(self, chunk: bytes) -> bool:
         """One piece from the backend; True when the client's side is full (the backend waits then)."""
@@ -428,17 +450,44 @@ class _SseRelay:
             events, self.pending = data, b""
         else:
             events, self.pending = data[:end], data[end:]
-        if b'"usage":{' in events:
-            events = _take_stream_usage(events, ex, self.strip_usage)
+        self.counted += _text_events(events)
+        if (b'"usage":{' in events or self.held
+                or (self.hide_usage and b'"finish_reason":"' in events)):
+            events = self._events(events)
         if b"data: [DONE]" in events:
             self.saw_done = True
         return self._send(events)
 
+    def _events(self, events: bytes) -> bytes:
+        """The slow path, event by event: usage taken, hidden usage dropped, the terminal chunk held."""
+        out = []
+        for event in events.split(b"\n\n")[:-1]:
+            event += b"\n\n"
+            if event.startswith(b"data: {") and b'"usage":{' in event:
+                payload = _json_event(event)
+                usage = payload.get("usage") if payload is not None else None
+                if isinstance(usage, dict):
+                    _take_usage(self.ex, usage)
+                if self.hide_usage and payload is not None and payload.get("choices") == []:
+                    fingerprint = payload.get("system_fingerprint")
+                    if self.held and isinstance(fingerprint, str) and b'"system_fingerprint"' not in self.held:
+                        self.held = _with_fingerprint(self.held, fingerprint)
+                    continue  # the usage chunk the client did not ask for
+            if self.held:
+                out.append(self.held)
+                self.held = b""
+            if self.hide_usage and b'"finish_reason":"' in event and event.startswith(b"data: {"):
+                self.held = event
+                continue
+            out.append(event)
+        return b"".join(out)
+
     def finish(self) -> None:
-        if self.pending:
-            self.saw_done = self.saw_done or b"data: [DONE]" in self.pending
-            self._send(self.pending)
-            self.pending = b""
+        tail = self.held + self.pending
+        self.held = self.pending = b""
+        if tail:
+            self.saw_done = self.saw_done or b"data: [DONE]" in tail
+            self._send(tail)
 
     def _send(self, events: bytes) -> bool:
         transport = self.transport
@@ -448,38 +497,54 @@ class _SseRelay:
         return transport.get_write_buffer_size() > _CLIENT_HIGH_WATER
 
 
-def _take_stream_usage(events: bytes, ex: Exchange, strip_usage: bool) -> bytes:
-    """Capture usage from the usage-only chunk (`"choices":[]`); drop that chunk if we added it."""
-    kept = []
-    for event in events.split(b"\n\n"):
-        if event.startswith(b"data: {") and b'"usage":{' in event:
-            try:
-                payload = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                kept.append(event)
-                continue
-            usage = payload.get("usage") if isinstance(payload, dict) else None
-            if isinstance(usage, dict):
-                _take_usage(ex, usage)
-            if strip_usage and payload.get("choices") == []:
-                continue
-        kept.append(event)
-    return b"\n\n".join(kept)
+def _text_events(events: bytes) -> int:
+    """Events that carry generated text: a content, text, tool-argument or reasoning delta that is not empty."""
+    return sum(events.count(k) for k in _CONTENT_KEYS) - sum(events.count(k) for k in _EMPTY_CONTENT)
+
+
+def _json_event(event: bytes) -> dict | None:
+    try:
+        payload = orjson.loads(event[6:])
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _with_fingerprint(event: bytes, fingerprint: str) -> bytes:
+    """`data: {...}` with `"system_fingerprint"` added as its last key."""
+    close = event.rstrip().rfind(b"}")
+    return event[:close] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + event[close:]
 
 
 def _take_usage(ex: Exchange, usage: dict) -> None:
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
     ex.prompt_tokens = p if isinstance(p, int) else 0
     ex.completion_tokens = c if isinstance(c, int) else 0
+    ex.usage_source = "backend"
 
 
 # ---------------------------------------------------------------- accounting
+
+def _settle_usage(ex: Exchange) -> None:
+    """The tokens of a request that reached a backend but got no usage from it: a stream's counted events
+    ("counted"), or estimates from the body's and the answer's bytes ("estimated")."""
+    if ex.usage_source is not None or ex.deployment is None or (400 <= ex.status < 499):
+        return
+    if ex.relay is not None or (ex.stream and ex.status == 499):
+        ex.prompt_tokens = ex.prompt_estimate
+        ex.completion_tokens = ex.relay.counted if ex.relay is not None else 0
+        ex.usage_source = "counted"
+    elif ex.status in (200, 499):
+        ex.prompt_tokens = ex.prompt_estimate
+        ex.usage_source = "estimated"
+
 
 def _record(app: web.Application, ex: Exchange) -> None:
     """The request's metrics, the settlement of its charges, and its usage line (the answer is built by now)."""
     latency = time.monotonic() - ex.started
     model = ex.model or ""
     dep = ex.deployment.d if ex.deployment is not None else None
+    _settle_usage(ex)
     prompt, completion = ex.prompt_tokens, ex.completion_tokens
     cost = prompt * dep.input_cost_per_token + completion * dep.output_cost_per_token if dep is not None else 0.0
     # Label only configured models: a client must not be able to mint new series.
@@ -519,4 +584,5 @@ def _record(app: web.Application, ex: Exchange) -> None:
         retries=ex.retries,
         fallback=ex.fallback,
         error=ex.error,
+        usage_source=ex.usage_source,
     ))

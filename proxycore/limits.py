@@ -52,11 +52,16 @@ def _budget_ratio(b: Budget, tokens: int, usd: float) -> float:
                usd / b.usd_per_month if b.usd_per_month else 0.0)
 
 
+def estimate_prompt_tokens(body_bytes: int) -> int:
+    """A prompt's tokens before the backend says (or when it never does): its request body's bytes / 4."""
+    return body_bytes // PROMPT_BYTES_PER_TOKEN
+
+
 def tokens_up_front(body: dict, body_bytes: int, kind: str) -> int:
     """What a request is charged against a TPM limit before it runs: its prompt estimate and its max_tokens."""
     limit = body.get("max_tokens") or body.get("max_completion_tokens")
     completion = 0 if kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
-    return body_bytes // PROMPT_BYTES_PER_TOKEN + completion
+    return estimate_prompt_tokens(body_bytes) + completion
 
 
 def check_model(served: ServedConfig, team: str | None, model: str) -> None:

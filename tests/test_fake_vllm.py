@@ -176,12 +176,36 @@ async def test_chat_stream_usage_chunk_only_with_include_usage(base, http):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
 
 
-async def test_empty_stream_options_mean_include_usage(base, http):
-    # vLLM's StreamOptions.include_usage defaults to true.
+async def test_empty_stream_options_mean_no_usage_and_the_fingerprint_on_the_terminal_chunk(base, http):
+    # vLLM 0.32: StreamOptions.include_usage defaults to false, measured against a real server.
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "stream": True, "stream_options": {}}
     async with http.post(f"{base}/v1/chat/completions", json=body) as r:
-        events = await sse_events(r)
-    assert orjson.loads(events[-2])["choices"] == []
+        chunks = [orjson.loads(e) for e in (await sse_events(r))[:-1]]
+    assert all(c["choices"] and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["system_fingerprint"] == "fp_fakevllm"
+    assert all("system_fingerprint" not in c for c in chunks[:-1])
+
+
+async def test_with_include_usage_the_fingerprint_moves_to_the_usage_chunk(base, http):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with http.post(f"{base}/v1/chat/completions", json=body) as r:
+        chunks = [orjson.loads(e) for e in (await sse_events(r))[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["system_fingerprint"] == "fp_fakevllm"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    assert all("system_fingerprint" not in c for c in chunks[:-1])
+
+
+async def test_no_stream_usage_mode_streams_a_token_a_chunk_and_no_usage(start, http):
+    base = await start(stream_chunks=2)
+    await set_config(http, base, mode="no-stream-usage")
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with http.post(f"{base}/v1/chat/completions", json=body) as r:
+        chunks = [orjson.loads(e) for e in (await sse_events(r))[:-1]]
+    assert all("usage" not in c for c in chunks)
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:]].count("") == 0 and len(chunks) == 6
+    assert (await stats(http, base))["completion_tokens"] == 5
 
 
 async def test_continuous_usage_stats_put_running_usage_on_every_chunk(start, http):
@@ -555,7 +579,8 @@ async def test_stats_last_and_reset(base, http):
     await set_config(http, base, mode="error-500", latency_ms=5)
     async with http.post(f"{base}/fake/reset") as r:
         assert (await r.json())["mode"] == "normal"
-    assert await stats(http, base) == {"requests": 0, "in_flight": 0, "completed": 0, "cancelled": 0, "by_path": {}}
+    assert await stats(http, base) == {"requests": 0, "in_flight": 0, "completed": 0, "cancelled": 0, "by_path": {},
+                                       "prompt_tokens": 0, "completion_tokens": 0}
     assert await (await http.get(f"{base}/fake/last")).json() == []
 
 

@@ -13,7 +13,7 @@ from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, w
 MODEL = "llama-3.1-8b-instruct"
 FIELDS = {"ts", "request_id", "team", "key_id", "key_hash", "model", "endpoint", "deployment", "status", "stream",
           "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms", "ttft_ms", "retries",
-          "fallback", "error"}
+          "fallback", "error", "usage_source"}
 
 
 def lines(path) -> list[dict]:

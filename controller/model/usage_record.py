@@ -46,6 +46,7 @@ class UsageRecord:
     retries: int
     fallback: str | None
     error: str | None
+    usage_source: str | None = None  # backend (its usage) | counted (a stream's text events) | estimated | None
 
     def to_line(self) -> bytes:
         """The record as one JSON line, newline included."""
@@ -63,11 +64,12 @@ class UsageRecord:
         ts, status, team, prompt, completion, model, key_id, error, cost, latency, stream, ttft = fields
         get = d.get
         rid, key_hash, endpoint = get("request_id"), get("key_hash"), get("endpoint")
-        deployment, retries, fallback = get("deployment"), get("retries"), get("fallback")
+        deployment, retries, fallback, source = get("deployment"), get("retries"), get("fallback"), get("usage_source")
         return cls(ts, rid if type(rid) is str else "", team, key_id, key_hash if type(key_hash) is str else None,
                    model, endpoint if type(endpoint) is str else "", deployment if type(deployment) is str else None,
                    status, stream, prompt, completion, prompt + completion, cost, latency, ttft,
-                   retries if type(retries) is int else 0, fallback if type(fallback) is str else None, error)
+                   retries if type(retries) is int else 0, fallback if type(fallback) is str else None, error,
+                   source if type(source) is str else None)
 
 
 ReportFields = tuple[str, int, "str | None", int, int, "str | None", "str | None", "str | None", float, "float | None",
