@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import email.parser
+import email.policy
 import hashlib
 import hmac
 import os
@@ -719,6 +721,208 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     })
 
 
+# --- vLLM's other endpoints -----------------------------------------------------------------
+# Shapes from vLLM's own protocol modules: vllm/entrypoints/openai/responses/protocol.py and api_router.py
+# (Responses, streamed as `event: <type>` + `data:` with no [DONE]), vllm/entrypoints/serve/tokenize/,
+# vllm/entrypoints/pooling/score/protocol.py (score, rerank: model optional, RerankUsage has total_tokens
+# only), vllm/entrypoints/pooling/pooling/ and classify/, and vllm/entrypoints/openai/speech_to_text/
+# (multipart transcriptions and translations). One word is one token, as everywhere in this fake.
+
+
+def _token_ids(text: str) -> list[int]:
+    return [WORDS.index(w) if w in WORDS else 1000 + zlib.crc32(w.encode()) % 30000 for w in text.split()]
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    _served_model(fake, body)
+    if body.get("messages") is not None:
+        text = " ".join(_message_text(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+    elif type(body.get("prompt")) is str:
+        text = body["prompt"]
+    else:
+        raise _request_error("prompt", "missing", "Field required")
+    ids = _token_ids(text)
+    fake.stats.prompt_tokens += len(ids)
+    return _json({"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids, "token_strs": None})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    _served_model(fake, body)
+    tokens = body.get("tokens")
+    if type(tokens) is not list or not all(type(t) is int for t in tokens):
+        raise _request_error("tokens", "list_type", "Input should be a valid list")
+    return _json({"prompt": " ".join(WORDS[t % len(WORDS)] for t in tokens)})
+
+
+def _score(a: str, b: str) -> float:
+    shared = set(a.lower().split()) & set(b.lower().split())
+    return round(len(shared) / (1 + len(set(b.lower().split()))), 6)
+
+
+async def score(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    model = _served_model(fake, body)
+    first, second = body.get("text_1"), body.get("text_2")
+    if first is None or second is None:
+        raise _request_error("text_1" if first is None else "text_2", "missing", "Field required")
+    lefts = [first] if type(first) is str else first
+    rights = [second] if type(second) is str else second
+    if len(lefts) == 1:
+        lefts = lefts * len(rights)
+    pairs = list(zip(lefts, rights))
+    tokens = sum(_words(a) + _words(b) + 2 for a, b in pairs)
+    fake.stats.prompt_tokens += tokens
+    return _json({"id": _response_id(request, "score-"), "object": "list", "created": int(time.time()), "model": model,
+                  "data": [{"index": i, "object": "score", "score": _score(a, b)} for i, (a, b) in enumerate(pairs)],
+                  "usage": _usage(tokens, 0)})
+
+
+async def rerank(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    model = _served_model(fake, body)
+    query, documents = body.get("query"), body.get("documents")
+    if type(query) is not str or type(documents) is not list:
+        raise _request_error("query" if type(query) is not str else "documents", "missing", "Field required")
+    results = sorted(({"index": i, "document": {"text": d}, "relevance_score": _score(query, d)}
+                      for i, d in enumerate(documents)), key=lambda r: -r["relevance_score"])
+    top_n = _int_field(body, "top_n") or len(results)
+    tokens = sum(_words(query) + _words(d) + 2 for d in documents)
+    fake.stats.prompt_tokens += tokens
+    return _json({"id": _response_id(request, "rerank-"), "model": model, "usage": {"total_tokens": tokens},
+                  "results": results[:top_n]})
+
+
+async def pooling(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    model = _served_model(fake, body)
+    if body.get("input") is None:
+        raise _request_error("input", "missing", "Field required")
+    texts = _text_inputs(body["input"], "input")
+    tokens = sum(t for _, t in texts)
+    fake.stats.prompt_tokens += tokens
+    return _json({"id": _response_id(request, "pool-"), "object": "list", "created": int(time.time()), "model": model,
+                  "data": [{"index": i, "object": "pooling", "data": list(_embedding(text))}
+                           for i, (text, _) in enumerate(texts)],
+                  "usage": _usage(tokens, 0)})
+
+
+async def classify(request: web.Request) -> web.Response:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    model = _served_model(fake, body)
+    if body.get("input") is None:
+        raise _request_error("input", "missing", "Field required")
+    texts = _text_inputs(body["input"], "input")
+    tokens = sum(t for _, t in texts)
+    fake.stats.prompt_tokens += tokens
+    data = []
+    for i, (text, _) in enumerate(texts):
+        positive = round(0.5 + _embedding(text)[0] / 2, 6)
+        data.append({"index": i, "label": "positive" if positive >= 0.5 else "negative",
+                     "probs": [round(1 - positive, 6), positive], "num_classes": 2})
+    return _json({"id": _response_id(request, "classify-"), "object": "list", "created": int(time.time()),
+                  "model": model, "data": data, "usage": _usage(tokens, 0)})
+
+
+def _multipart_fields(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """name -> (filename or None, bytes) for each part; the middleware has already read the body."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts() if message.is_multipart() else ():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+async def audio(request: web.Request) -> web.Response:
+    """Transcriptions and translations: a multipart form with `file` and `model` (vLLM's speech_to_text)."""
+    fake = request.app[FAKE]
+    if not request.content_type.startswith("multipart/form-data"):
+        raise VllmError(400, "Content-Type must be multipart/form-data", "BadRequestError")
+    fields = _multipart_fields(request.headers["Content-Type"], await request.read())
+    upload = fields.get("file")
+    if upload is None or upload[0] is None:
+        raise _request_error("file", "missing", "Field required")
+    model = fields.get("model")
+    _served_model(fake, {"model": model[1].decode(errors="replace")} if model is not None else {})
+    filename, audio_bytes = upload
+    seconds = max(1, len(audio_bytes) // 32000)  # 16 kHz, 16-bit mono
+    text = " ".join(_generate(filename or "audio", min(64, 3 * seconds)))
+    return _json({"text": text, "usage": {"type": "duration", "seconds": seconds}})
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    fake = request.app[FAKE]
+    body = await _json_body(request)
+    given = body.get("input")
+    if type(given) is str:
+        text = given
+    elif type(given) is list:
+        text = " ".join(_message_text(item.get("content")) for item in given if isinstance(item, dict))
+    else:
+        raise _request_error("input", "missing", "Field required")
+    model = _served_model(fake, body)
+    stream = _bool_field(body, "stream")
+    max_tokens = _int_field(body, "max_output_tokens")
+    input_tokens = _words(text) + CHAT_TOKENS_PER_MESSAGE
+    count, finish_reason = _completion_length(input_tokens, max_tokens)
+    await _sleep_ms(fake.config.latency_ms)
+    fault = await _fault_response(fake, request, stream)
+    if fault is not None:
+        return fault
+    fake.stats.prompt_tokens += input_tokens
+    pieces = _split(_generate(text, count), fake.config.stream_chunks)
+    rid, msg_id, created = _response_id(request, "resp_"), "msg_" + os.urandom(8).hex(), int(time.time())
+    full_text = "".join(piece for piece, _ in pieces)
+    usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": count,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input_tokens + count}
+    status = "completed" if finish_reason == "stop" else "incomplete"
+
+    def response(state: str, text_out: str | None, with_usage: bool) -> dict:
+        output = [] if text_out is None else [{
+            "id": msg_id, "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text_out, "annotations": [], "logprobs": None}]}]
+        return {"id": rid, "object": "response", "created_at": created, "model": model, "status": state,
+                "output": output, "usage": usage if with_usage else None,
+                "incomplete_details": None if state != "incomplete" else {"reason": "max_output_tokens"}}
+
+    if not stream:
+        await _pace_whole_answer(fake, len(pieces))
+        fake.stats.completion_tokens += count
+        return _json(response(status, full_text, True))
+
+    seq = iter(range(1_000_000))
+
+    def event(kind: str, **data: Any) -> bytes:
+        return f"event: {kind}\n".encode() + _sse({"type": kind, "sequence_number": next(seq), **data})
+
+    head = [event("response.created", response=response("in_progress", None, False)),
+            event("response.in_progress", response=response("in_progress", None, False)),
+            event("response.output_item.added", output_index=0,
+                  item={"id": msg_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}),
+            event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                  part={"type": "output_text", "text": "", "annotations": []})]
+    steps = [event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=piece,
+                   logprobs=[]) for piece, _ in pieces]
+    final = "response.completed" if status == "completed" else "response.incomplete"
+    tail = [event("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=full_text,
+                  logprobs=[]),
+            event("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
+                  part={"type": "output_text", "text": full_text, "annotations": []}),
+            event("response.output_item.done", output_index=0, item=response(status, full_text, False)["output"][0]),
+            event(final, response=response(status, full_text, True))]
+    return await _stream(fake, request, head, steps, tail, _step_tokens(pieces, 1))
+
+
 async def list_models(request: web.Request) -> web.Response:
     fake = request.app[FAKE]
     now = int(time.time())
@@ -894,6 +1098,17 @@ def make_fake_vllm_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, rerank)
+    app.router.add_post("/pooling", pooling)
+    app.router.add_post("/classify", classify)
+    app.router.add_post("/v1/audio/transcriptions", audio)
+    app.router.add_post("/v1/audio/translations", audio)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
