@@ -10,10 +10,18 @@ chunks carry `"usage": null`; the usage-only chunk (`"choices": []`) comes only 
 included), and `system_fingerprint` rides on it then, else on the terminal chunk; idle keep-alive
 connections close after 5 s like uvicorn's.
 
+It serves vLLM's other endpoints too, shaped from vLLM's own protocol modules: /v1/responses (streamed
+as `event:` + `data:` pairs ending with response.completed or response.incomplete, no [DONE]),
+/tokenize, /detokenize, /score and /v1/score, /rerank, /v1/rerank and /v2/rerank (usage has
+total_tokens only), /pooling, /classify, and the multipart /v1/audio/transcriptions and
+/translations (usage is a duration). /fake/config `missing_routes` takes some away, as vLLM does for
+a model without the task.
+
 Fault modes (/fake/config `mode`) imitate other backends too: `invalid-500` answers what it cannot
 validate with a 500 and `no-stream-usage` streams one token a chunk and never sends stream usage
 (both as llama-cpp-python's server does). /fake/stats counts the prompt tokens of every request
-that generated and the completion tokens written out, a stream cut short counting what went out.
+the model computed (all but tokenize and detokenize) and the completion tokens written out, a
+stream cut short counting what went out.
 
 Generated text is deterministic: words from a fixed list, starting at a point chosen by the prompt.
 One word is one token. A streamed answer's concatenated text equals the non-streamed answer's.
@@ -78,6 +86,10 @@ class FakeConfig:
     stream_chunks: int = 8
     fail_rate: float = 0.0
     mode: str = "normal"
+    # comma-separated paths this server lacks: vLLM registers the pooling, score and speech-to-text routes only
+    # for a model that supports the task (supported_tasks in vllm/entrypoints/openai/api_server.py), and
+    # FastAPI answers a route it does not have with 404 {"detail": "Not Found"}
+    missing_routes: str = ""
 
     def validated(self) -> FakeConfig:
         if not self.latency_ms >= 0 or not self.chunk_delay_ms >= 0:
@@ -98,7 +110,7 @@ class FakeStats:
     completed: int = 0  # the server finished its side (any status, faults included)
     cancelled: int = 0  # the client went away before the response was finished
     by_path: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0  # of the requests that generated
+    prompt_tokens: int = 0  # of the requests the model computed (every endpoint but tokenize and detokenize)
     completion_tokens: int = 0  # generated and written to the client (a stream cut short counts what went out)
 
 
@@ -677,9 +689,16 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     fake = request.app[FAKE]
     body = await _json_body(request)
 
-    if body.get("input") is None:
+    if body.get("input") is None and isinstance(body.get("messages"), list):
+        # vLLM's EmbeddingChatRequest (vllm/entrypoints/pooling/embed/protocol.py): the chat template's text,
+        # embedded as one input
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        text = " ".join(_message_text(m.get("content")) for m in messages)
+        texts = [(text, _words(text) + CHAT_TOKENS_PER_MESSAGE * len(messages))]
+    elif body.get("input") is None:
         raise _request_error("input", "missing", "Field required")
-    texts = _text_inputs(body["input"], "input")
+    else:
+        texts = _text_inputs(body["input"], "input")
     encoding_format = body.get("encoding_format", "float")
     if encoding_format not in ("float", "base64"):
         raise _request_error("encoding_format", "literal_error", "Input should be 'float' or 'base64'")
@@ -711,6 +730,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             encoded = list(vector)
         data.append({"index": index, "object": "embedding", "embedding": encoded})
     prompt_tokens = sum(tokens for _, tokens in texts)
+    fake.stats.prompt_tokens += prompt_tokens
     return _json({
         "id": _response_id(request, "embd-"),
         "object": "list",
@@ -743,8 +763,7 @@ async def tokenize(request: web.Request) -> web.Response:
         text = body["prompt"]
     else:
         raise _request_error("prompt", "missing", "Field required")
-    ids = _token_ids(text)
-    fake.stats.prompt_tokens += len(ids)
+    ids = _token_ids(text)  # tokenizing generates nothing: not in the stats' prompt_tokens
     return _json({"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids, "token_strs": None})
 
 
@@ -1051,6 +1070,8 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
         fake.last.append(RecordedRequest(path, request.headers, raw_body, time.time()))
         if fake.api_key is not None and path.startswith("/v1") and not _authorized(fake.api_key, request):
             response: web.StreamResponse = _json({"error": "Unauthorized"}, status=401)
+        elif fake.config.missing_routes and path in fake.config.missing_routes.split(","):
+            response = _json({"detail": "Not Found"}, status=404)
         else:
             response = await handler(request)
     except VllmError as error:

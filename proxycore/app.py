@@ -22,19 +22,9 @@ from aiohttp import web
 from controller.model.usage_record import Clock
 from controller.ops.filewatch import FileWatch
 from proxycore import metrics
+from proxycore.endpoints import MODELS_PATH
 from proxycore.errors import ApiError, error_response
-from proxycore.inference import (
-    CLOCK,
-    HTTP,
-    LIVE,
-    METERS,
-    UNAUTHORIZED,
-    USAGE,
-    chat_completions,
-    completions,
-    embeddings,
-    key_policy,
-)
+from proxycore.inference import CLOCK, HTTP, LIVE, METERS, UNAUTHORIZED, USAGE, inference_routes, key_policy
 from proxycore.live import LiveConfig, authenticate
 from proxycore.meters import Meters
 from proxycore.router import DeploymentState, ModelGroup
@@ -124,8 +114,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    return error_response(404, f"No route for {request.method} {request.path}. The API is under /v1 "
-                          "(chat/completions, completions, embeddings, models).", "not_found")
+    return error_response(404, f"No route for {request.method} {request.path}. The API is under /v1 (chat/completions, "
+                          "completions, embeddings, responses, audio/transcriptions, audio/translations, models), "
+                          "with vLLM's /tokenize, /detokenize, /score, /rerank, /pooling and /classify.", "not_found")
 
 
 @web.middleware
@@ -182,15 +173,15 @@ async def _probe(app: web.Application, session: UpstreamClient, s: DeploymentSta
     """GET <api_base>/models: the backend answers, and serves the deployment's upstream model id."""
     problem, misconfigured = None, False
     try:
-        resp = await session.request("GET", s.urls["models"], headers=s.headers, connect_timeout=PROBE_TIMEOUT_S,
+        resp = await session.request("GET", s.urls[MODELS_PATH], headers=s.headers, connect_timeout=PROBE_TIMEOUT_S,
                                      first_byte_timeout=PROBE_TIMEOUT_S, read_timeout=PROBE_TIMEOUT_S)
         raw = await resp.read()
         if resp.status != 200:
-            problem = f"GET {s.urls['models']} answered {resp.status}"
+            problem = f"GET {s.urls[MODELS_PATH]} answered {resp.status}"
         else:
             cards = _model_cards(raw)
             if cards is None:
-                problem = f"GET {s.urls['models']} answered 200 without a model list"
+                problem = f"GET {s.urls[MODELS_PATH]} answered 200 without a model list"
             else:
                 s.served_ids = tuple(cards)
                 s.card = cards.get(s.d.upstream_model)
@@ -199,11 +190,11 @@ async def _probe(app: web.Application, session: UpstreamClient, s: DeploymentSta
                                f"{', '.join(cards) or 'nothing'}")
                     misconfigured = True
     except UpstreamTimeout:
-        problem = f"no answer from {s.urls['models']} within {PROBE_TIMEOUT_S:g} s"
+        problem = f"no answer from {s.urls[MODELS_PATH]} within {PROBE_TIMEOUT_S:g} s"
     except UpstreamConnectError as exc:
         problem = f"cannot connect to {s.d.api_base}: {exc}"
     except UpstreamError as exc:
-        problem = f"GET {s.urls['models']} failed: {type(exc).__name__}"
+        problem = f"GET {s.urls[MODELS_PATH]} failed: {type(exc).__name__}"
     change = s.probed(time.monotonic(), problem, misconfigured)
     if change == "left":
         print(f"llmgate: deployment {s.d.id} left rotation: {problem}", file=sys.stderr, flush=True)
@@ -272,10 +263,9 @@ def make_app(live: LiveConfig, *, usage_log: UsageLog | None = None, meters: Met
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_follow_config_files)
     r = app.router
+    for path, handler in inference_routes():
+        r.add_post(path, handler)
     for prefix in ("/v1", ""):
-        r.add_post(prefix + "/chat/completions", chat_completions)
-        r.add_post(prefix + "/completions", completions)
-        r.add_post(prefix + "/embeddings", embeddings)
         r.add_get(prefix + "/models", list_models)
         r.add_get(prefix + "/models/{model:.+}", get_model)
     r.add_get("/health/liveliness", liveliness)

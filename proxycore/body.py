@@ -38,6 +38,24 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
+
+
+def lax_bool(value: Any) -> bool | None:
+    """A flag as vLLM reads it (pydantic's lax mode: true, 1, "true", "yes", "on", ... and their opposites);
+    None when vLLM would refuse it, which proxycore leaves to the backend to say."""
+    if type(value) is bool:
+        return value
+    if type(value) in (int, float) and value in (0, 1):
+        return bool(value)
+    if type(value) is str:
+        text = value.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+    return None
+
+
 def _skip_ws(raw: bytes, i: int) -> int:
     n = len(raw)
     while i < n and raw[i] in _WS:
@@ -115,7 +133,8 @@ def rewrite(raw: bytes, replace: dict[str, bytes], add: dict[str, bytes] | None 
 
 
 def with_model(raw: bytes, model: str) -> bytes:
-    """The body for a backend that serves the model as `model`: only the top-level "model" value changes."""
+    """The body for a backend that serves the model as `model`: only the top-level "model" value changes
+    (or, where the client left the model to the gateway, a "model" is added)."""
     value = orjson.dumps(model)
     first = raw.find(b'"model"')
     if first >= 0 and raw.find(b'"model"', first + 7) < 0:  # the usual case: one "model", the key itself
@@ -125,4 +144,91 @@ def with_model(raw: bytes, model: str) -> bytes:
             m = _TOKEN.match(raw, start)
             if m is not None and raw[start] == 0x22:
                 return raw[:start] + value + raw[m.end():]
-    return rewrite(raw, {"model": value})
+    if "model" in top_level_values(raw):
+        return rewrite(raw, {"model": value})
+    return rewrite(raw, {}, {"model": value})
+
+
+# ---------------------------------------------------------------- multipart/form-data (audio uploads)
+
+FORM_FIELD_LIMIT = 4096  # the longest form value read as a field (model, stream, ...); a file part is never read
+
+
+def form_boundary(content_type: str) -> bytes | None:
+    """The boundary of a multipart/form-data Content-Type, or None when it is not one (RFC 7578)."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return None
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if 0 < len(value) <= 70:
+                return value.encode("latin-1", "replace")
+    return None
+
+
+def _form_parts(raw: bytes, boundary: bytes) -> tuple[list[bytes], bytes]:
+    """The parts between the delimiters (each `headers CRLF CRLF content`) and what follows the last one."""
+    delimiter = b"\r\n--" + boundary
+    pieces = (b"\r\n" + raw).split(delimiter)
+    if len(pieces) < 2 or not pieces[-1].startswith(b"--"):
+        raise BodyError("The multipart/form-data body is not complete: its closing boundary is missing.")
+    parts = []
+    for piece in pieces[1:-1]:
+        start = piece.find(b"\r\n")  # after the delimiter: optional padding, then CRLF
+        if start < 0 or piece[:start].strip(b" \t"):
+            raise BodyError("The multipart/form-data body is malformed: a boundary line has trailing text.")
+        parts.append(piece[start + 2:])
+    return parts, pieces[-1]
+
+
+def _part_name(part: bytes) -> tuple[str | None, bool]:
+    """The form name of a part and whether it is a file (has a filename)."""
+    head, _, _ = part.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            m = _DISPOSITION_NAME.search(value)
+            return (m.group(1).decode("utf-8", "replace") if m else None), _DISPOSITION_FILE.search(value) is not None
+    return None, False
+
+
+_DISPOSITION_NAME = re.compile(rb';\s*name="([^"]*)"', re.IGNORECASE)
+_DISPOSITION_FILE = re.compile(rb';\s*filename\*?=', re.IGNORECASE)
+
+
+def form_fields(raw: bytes, boundary: bytes) -> dict[str, str]:
+    """The form's plain fields (not files), first value of each name; BodyError when the body is malformed."""
+    fields: dict[str, str] = {}
+    parts, _ = _form_parts(raw, boundary)
+    for part in parts:
+        name, is_file = _part_name(part)
+        if name is None or is_file or name in fields:
+            continue
+        _, sep, content = part.partition(b"\r\n\r\n")
+        if sep and len(content) <= FORM_FIELD_LIMIT:
+            fields[name] = content.decode("utf-8", "replace")
+    return fields
+
+
+def form_with_model(raw: bytes, boundary: bytes, model: str) -> bytes:
+    """The form for a backend that serves the model as `model`: only the `model` field's value changes (or is
+    added as the first part); file parts travel byte for byte."""
+    parts, closing = _form_parts(raw, boundary)
+    value = model.encode()
+    new_part = b'Content-Disposition: form-data; name="model"\r\n\r\n' + value
+    out, replaced = [], False
+    for part in parts:
+        name, is_file = _part_name(part)
+        if name == "model" and not is_file:
+            head, _, _ = part.partition(b"\r\n\r\n")
+            part = head + b"\r\n\r\n" + value
+            replaced = True
+        out.append(part)
+    if not replaced:
+        out.insert(0, new_part)
+    delimiter = b"--" + boundary
+    return b"".join(delimiter + b"\r\n" + p + b"\r\n" for p in out) + delimiter + closing

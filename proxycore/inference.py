@@ -1,4 +1,5 @@
-"""The hot path: a chat completion, completion or embedding from the request's body to its last byte.
+"""The hot path: an inference request (chat, completion, embedding, or another endpoint of endpoints.py)
+from its body to its last byte.
 
 `proxy_inference` reads top to bottom: who is asking, read and check the body, admission (limits.py),
 pick a deployment (retrying and falling back), relay the answer, then one usage line, the metrics and
@@ -14,6 +15,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -22,7 +24,17 @@ from aiohttp import HttpVersion11, web
 from controller.model.usage_record import Clock, UsageRecord, usage_timestamp
 from controller.model.wire import KEY_POLICY_HEADER, REQUEST_ID_HEADER, KeyPolicy
 from proxycore import metrics
-from proxycore.body import BodyError, parse_json_object, rewrite, with_model
+from proxycore.body import (
+    BodyError,
+    form_boundary,
+    form_fields,
+    form_with_model,
+    lax_bool,
+    parse_json_object,
+    rewrite,
+    with_model,
+)
+from proxycore.endpoints import ENDPOINTS, Endpoint
 from proxycore.errors import ApiError, error_response, is_openai_error, upstream_error_message
 from proxycore.limits import Charge, admit_key, admit_team, check_model, estimate_prompt_tokens
 from proxycore.live import LiveConfig, ServedConfig, authenticate
@@ -44,6 +56,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _CLIENT_HIGH_WATER = 256 * 1024  # bytes waiting for a slow client before the backend's stream is paused
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNAUTHORIZED = "Invalid or missing API key. Send `Authorization: Bearer <key>`."
 POLICY_UNREADABLE = "The key's policy could not be read; try again."
 
@@ -53,7 +66,8 @@ class Exchange:
     """One client request as it moves through proxycore; becomes the usage-log line."""
 
     request_id: str
-    kind: str
+    endpoint: Endpoint
+    upstream_path: str  # the backend's path, as vLLM writes it
     team: str | None
     key_id: str | None
     started: float
@@ -74,6 +88,12 @@ class Exchange:
     usage_source: str | None = None  # "backend" once the backend said its usage; see _settle_usage
     prompt_estimate: int = 0  # the prompt's tokens as estimated from the body, for when the backend says nothing
     relay: _SseRelay | None = None  # a stream's relay, which counts the events with generated text
+    boundary: bytes | None = None  # a multipart/form-data body's boundary
+    content_type: str | None = None  # the client's Content-Type, sent on for a multipart body
+
+    @property
+    def kind(self) -> str:
+        return self.endpoint.kind
 
 
 _ID_PREFIX = os.urandom(8).hex()
@@ -100,31 +120,31 @@ def key_policy(request: web.Request, key_id: str | None) -> KeyPolicy | None:
     return policy
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await proxy_inference(request, "chat")
+def inference_routes() -> list[tuple[str, Handler]]:
+    """(client path, handler) for every endpoint of endpoints.py."""
+    return [(client, _handler(e, backend)) for e in ENDPOINTS for client, backend in e.routes]
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await proxy_inference(request, "completions")
+def _handler(endpoint: Endpoint, upstream_path: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await proxy_inference(request, endpoint, upstream_path)
+    return handle
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await proxy_inference(request, "embeddings")
-
-
-async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse:
+async def proxy_inference(request: web.Request, endpoint: Endpoint, upstream_path: str) -> web.StreamResponse:
     app = request.app
     served = app[LIVE].served
     ok, team, key_id = authenticate(request, served)
-    ex = Exchange(_request_id(request), kind, team, key_id, time.monotonic())
+    ex = Exchange(_request_id(request), endpoint, upstream_path, team, key_id, time.monotonic())
     try:
         if not ok:
             raise ApiError(401, UNAUTHORIZED, "invalid_api_key")
         if served.only_team is not None and team != served.only_team:
             raise ApiError(403, f"This proxycore serves team `{served.only_team}` only.", "wrong_instance")
-        raw, body = await _read_body(request, served)
-        ex.model = body["model"]
-        ex.stream = body.get("stream") is True
+        ex.key_policy = key_policy(request, key_id)
+        raw, body = await _read_body(request, served, ex)
+        ex.model = _model_of(body, served, ex)
+        ex.stream = endpoint.streams and lax_bool(body.get("stream")) is True
         if ex.stream and request.version < HttpVersion11:
             raise ApiError(505, "Streamed answers need HTTP/1.1 (chunked transfer); send the request over HTTP/1.1 "
                            "or without `stream`.", "http_version_not_supported")
@@ -133,18 +153,18 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
             raise ApiError(404, f"The model `{ex.model}` does not exist. Available models: "
                            f"{', '.join(served.models_for(team)) or 'none'}.", "model_not_found", "model")
         ex.routed = True
-        ex.prompt_estimate = estimate_prompt_tokens(request.content_length or len(raw))
+        # an upload's bytes say nothing of its tokens; a JSON body's do (limits.estimate_prompt_tokens)
+        prompt_bytes = 0 if ex.boundary is not None or not endpoint.counts_tokens else len(raw)
+        ex.prompt_estimate = estimate_prompt_tokens(prompt_bytes)
         check_model(served, team, ex.model)
         meters = app.get(METERS)
         policy = served.teams.get(team) if team else None
-        body_bytes = request.content_length or 0
         if policy is not None and meters is not None:
-            ex.charges.append(admit_team(meters, policy, body, body_bytes, kind))
-        ex.key_policy = key_policy(request, key_id)
+            ex.charges.append(admit_team(meters, policy, body, prompt_bytes, endpoint.generates))
         if ex.key_policy is not None:
             if meters is None:
                 raise ApiError(401, POLICY_UNREADABLE, "invalid_api_key")
-            admit_key(meters, ex.key_policy, team, ex.model, body, body_bytes, kind, ex.charges)
+            admit_key(meters, ex.key_policy, team, ex.model, body, prompt_bytes, endpoint.generates, ex.charges)
         if ex.stream:
             return await _relay_stream(request, served, raw, body, group, ex)
         return await _relay_unary(request, served, raw, group, ex)
@@ -159,30 +179,47 @@ async def proxy_inference(request: web.Request, kind: str) -> web.StreamResponse
         _record(app, ex)
 
 
-async def _read_body(request: web.Request, served: ServedConfig) -> tuple[bytes, dict]:
-    """The body as sent, and its parse. Refused here only what cannot be routed: a body over the limit,
-    one that is not a JSON object, no `model`, or a `stream` or `stream_options` proxycore cannot act on;
-    every other parameter is the backend's to check."""
+async def _read_body(request: web.Request, served: ServedConfig, ex: Exchange) -> tuple[bytes, dict]:
+    """The body as sent, and its parse (a form's plain fields for an upload). Refused here only what cannot be
+    routed: a body over the limit, or one that is not a JSON object (or a form, for an upload); every
+    parameter is the backend's to check (a `stream` vLLM would refuse is sent on as a request without one)."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         limit_mb = served.config.max_request_bytes / (1024 * 1024)
         raise ApiError(413, f"Request body is larger than the limit of {limit_mb:g} MB "
                        "(general_settings.max_request_size_mb).", "request_too_large") from None
+    if ex.endpoint.multipart:
+        content_type = request.headers.get("Content-Type", "")
+        ex.boundary = form_boundary(content_type)
+        if ex.boundary is None:
+            raise ApiError(400, f"`{request.path}` takes a multipart/form-data body (the audio file and its fields); "
+                           f"this one is `{content_type or 'without a Content-Type'}`.", "invalid_request")
+        ex.content_type = content_type
+        try:
+            return raw, form_fields(raw, ex.boundary)
+        except BodyError as exc:
+            raise ApiError(400, str(exc), "invalid_request") from None
     try:
-        body = parse_json_object(raw)
+        return raw, parse_json_object(raw)
     except BodyError as exc:
         raise ApiError(400, str(exc), "invalid_json") from None
+
+
+def _model_of(body: dict, served: ServedConfig, ex: Exchange) -> str:
+    """The model the request names; where vLLM makes it optional and it is absent, the one model the key may use."""
     model = body.get("model")
-    if not isinstance(model, str) or not model:
+    if isinstance(model, str) and model:
+        return model
+    if model not in (None, "") or not ex.endpoint.model_optional:
         raise ApiError(400, "`model` is required and must be a string.", "invalid_type", "model")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "`stream` must be true or false.", "invalid_type", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "`stream_options` must be an object.", "invalid_type", "stream_options")
-    return raw, body
+    names = served.models_for(ex.team)
+    if ex.key_policy is not None and ex.key_policy.models is not None:
+        names = [n for n in names if n in ex.key_policy.models]
+    if len(names) != 1:
+        raise ApiError(400, f"`model` is required here: this key may use {len(names)} models "
+                       f"({', '.join(names) or 'none'}), so the gateway cannot choose one.", "invalid_type", "model")
+    return names[0]
 
 
 # ---------------------------------------------------------------- deployments: pick, retry, fall back
@@ -272,13 +309,17 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
             ex.fallback = g.name if plan_index else None
             payload = payloads.get(dep.d.upstream_model)
             if payload is None:  # the client's bytes, with only the backend's id for the model in them
-                payload = payloads[dep.d.upstream_model] = with_model(raw, dep.d.upstream_model)
+                payload = payloads[dep.d.upstream_model] = (
+                    with_model(raw, dep.d.upstream_model) if ex.boundary is None
+                    else form_with_model(raw, ex.boundary, dep.d.upstream_model))
             headers = dict(dep.headers)
             headers[REQUEST_ID_HEADER] = ex.request_id
+            if ex.content_type is not None:
+                headers["Content-Type"] = ex.content_type
             _hold(ex, dep, now)
             first_byte = dep.stream_first_byte_timeout if ex.stream else dep.first_byte_timeout
             try:
-                resp = await session.request("POST", dep.urls[ex.kind], headers=headers, body=payload,
+                resp = await session.request("POST", dep.urls[ex.upstream_path], headers=headers, body=payload,
                                              connect_timeout=dep.connect_timeout, first_byte_timeout=first_byte,
                                              read_timeout=dep.stream_idle_timeout if ex.stream else first_byte)
                 if resp.status >= 500 or resp.status == 429:
@@ -346,20 +387,20 @@ async def _relay_unary(request: web.Request, served: ServedConfig, body_raw: byt
     ex.ttft_s = time.monotonic() - ex.started
     if resp.status != 200:
         return _passthrough_error(resp, raw, ex)
-    try:
-        answer = orjson.loads(raw)
-        usage = answer.get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered 200 without JSON")
-        raise ApiError(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
-                       "backend_invalid_response") from None
-    if isinstance(usage, dict):
-        _take_usage(ex, usage)
-    else:  # a backend that says nothing of usage: the answer's bytes, estimated as the prompt's are
-        ex.completion_tokens = estimate_prompt_tokens(len(raw))
+    content_type = resp.headers.get("content-type", "application/json")
+    usage = None
+    if content_type.startswith("application/json"):
+        try:
+            usage = orjson.loads(raw).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered 200 with broken JSON")
+            raise ApiError(502, f"Deployment `{ex.deployment.d.id}` returned a body that is not a JSON object.",
+                           "backend_invalid_response") from None
+    # (a transcript asked for as text, srt or vtt comes as it is, and is estimated below)
+    if ex.endpoint.counts_tokens and not (isinstance(usage, dict) and _take_usage(ex, usage)) and ex.endpoint.generates:
+        ex.completion_tokens = estimate_prompt_tokens(len(raw))  # no usage said: the answer's bytes, as a prompt's
     ex.status = 200
-    return web.Response(body=raw, headers={"Content-Type": resp.headers.get("content-type", "application/json"),
-                                           REQUEST_ID_HEADER: ex.request_id})
+    return web.Response(body=raw, headers={"Content-Type": content_type, REQUEST_ID_HEADER: ex.request_id})
 
 
 async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, body: dict, group: ModelGroup,
@@ -367,13 +408,17 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
     options = body.get("stream_options")
     # vLLM 0.32 sends usage only when include_usage is true ("stream_options": {} asks for none). proxycore
     # asks for it on every stream, so that every stream's tokens are counted, and hides what it added.
-    hide_usage = not (isinstance(options, dict) and options.get("include_usage") is True)
+    # (The Responses API always ends with its usage; an audio stream's usage is a form field, left as sent.)
+    # A stream_options vLLM would refuse (not an object) is left for it to refuse.
+    hide_usage = (ex.endpoint.stream_options and (options is None or isinstance(options, dict))
+                  and lax_bool((options or {}).get("include_usage")) is not True)
     if hide_usage:
         # continuous_usage_stats without include_usage gives the client no usage: asked for, it would put
         # usage on every chunk, which the client must not see either
-        asked = {k: v for k, v in (options or {}).items() if k != "continuous_usage_stats"}
+        asked = {k: v for k, v in (options or {}).items() if k not in ("continuous_usage_stats", "include_usage")}
         value = orjson.dumps({**asked, "include_usage": True})
-        raw = rewrite(raw, {"stream_options": value}) if options is not None else rewrite(raw, {}, {"stream_options": value})
+        present = "stream_options" in body  # `"stream_options": null` too: replaced, never doubled
+        raw = rewrite(raw, {"stream_options": value}) if present else rewrite(raw, {}, {"stream_options": value})
     resp, _ = await _call_upstream(request, served, raw, group, ex)
     assert ex.deployment is not None
     dep_id = ex.deployment.d.id
@@ -394,7 +439,7 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
             await resp.pipe(relay.feed, request.writer.drain)
             relay.finish()
             if not relay.saw_done:
-                raise UpstreamProtocolError("the stream ended without data: [DONE]")
+                raise UpstreamProtocolError("the stream ended without its final event")
         except UpstreamError as exc:
             # Bytes already reached the client: no retry, and never a fake [DONE].
             relay.finish()
@@ -409,8 +454,10 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
         resp.close()  # on a client disconnect this drops the upstream connection, so vLLM aborts the request
 
 
-_CONTENT_KEYS = (b'"content":"', b'"text":"', b'"arguments":"', b'"reasoning_content":"', b'"reasoning":"')
-_EMPTY_CONTENT = (b'"content":""', b'"text":""', b'"arguments":""', b'"reasoning_content":""', b'"reasoning":""')
+# the Responses API streams its text as "delta":"..." (chat's delta is an object)
+_CONTENT_KEYS = (b'"content":"', b'"text":"', b'"arguments":"', b'"reasoning_content":"', b'"reasoning":"', b'"delta":"')
+_EMPTY_CONTENT = (b'"content":""', b'"text":""', b'"arguments":""', b'"reasoning_content":""', b'"reasoning":""',
+                  b'"delta":""')
 
 
 class _SseRelay:
@@ -426,10 +473,11 @@ class _SseRelay:
     generated text are counted, for a backend that sends no usage and for a stream cut short.
     """
 
-    __slots__ = ("transport", "ex", "hide_usage", "pending", "held", "saw_done", "counted")
+    __slots__ = ("transport", "ex", "hide_usage", "done_markers", "pending", "held", "saw_done", "counted")
 
     def __init__(self, transport, ex: Exchange, hide_usage: bool):
         self.transport, self.ex, self.hide_usage = transport, ex, hide_usage
+        self.done_markers = ex.endpoint.done_markers
         self.pending = b""
         self.held = b""  # the terminal chunk, until the next event shows whether a usage chunk follows
         self.saw_done = False
@@ -454,8 +502,8 @@ class _SseRelay:
         if (b'"usage":{' in events or self.held
                 or (self.hide_usage and b'"finish_reason":"' in events)):
             events = self._events(events)
-        if b"data: [DONE]" in events:
-            self.saw_done = True
+        if not self.saw_done:
+            self.saw_done = any(m in events for m in self.done_markers)
         return self._send(events)
 
     def _events(self, events: bytes) -> bytes:
@@ -463,9 +511,11 @@ class _SseRelay:
         out = []
         for event in events.split(b"\n\n")[:-1]:
             event += b"\n\n"
-            if event.startswith(b"data: {") and b'"usage":{' in event:
+            if b'"usage":{' in event:
                 payload = _json_event(event)
                 usage = payload.get("usage") if payload is not None else None
+                if usage is None and payload is not None and isinstance(payload.get("response"), dict):
+                    usage = payload["response"].get("usage")  # the Responses API's final event
                 if isinstance(usage, dict):
                     _take_usage(self.ex, usage)
                 if self.hide_usage and payload is not None and payload.get("choices") == []:
@@ -486,7 +536,7 @@ class _SseRelay:
         tail = self.held + self.pending
         self.held = self.pending = b""
         if tail:
-            self.saw_done = self.saw_done or b"data: [DONE]" in tail
+            self.saw_done = self.saw_done or any(m in tail for m in self.done_markers)
             self._send(tail)
 
     def _send(self, events: bytes) -> bool:
@@ -503,8 +553,15 @@ def _text_events(events: bytes) -> int:
 
 
 def _json_event(event: bytes) -> dict | None:
+    """The JSON object of an event's `data:` line (which may follow an `event:` line)."""
+    if event.startswith(b"data: "):
+        start = 6
+    else:
+        start = event.find(b"\ndata: ") + 7
+        if start < 7:
+            return None
     try:
-        payload = orjson.loads(event[6:])
+        payload = orjson.loads(event[start:])
     except orjson.JSONDecodeError:
         return None
     return payload if isinstance(payload, dict) else None
@@ -516,11 +573,21 @@ def _with_fingerprint(event: bytes, fingerprint: str) -> bytes:
     return event[:close] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + event[close:]
 
 
-def _take_usage(ex: Exchange, usage: dict) -> None:
-    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+def _take_usage(ex: Exchange, usage: dict) -> bool:
+    """A backend's usage object into the exchange; False when it holds no token counts (an audio duration).
+
+    Chat, completions and pooling say prompt_tokens and completion_tokens; the Responses API input_tokens and
+    output_tokens; rerank only total_tokens, which are all the prompt's."""
+    p = usage.get("prompt_tokens", usage.get("input_tokens"))
+    c = usage.get("completion_tokens", usage.get("output_tokens"))
+    if not isinstance(p, int) and not isinstance(c, int):
+        p = usage.get("total_tokens")
+        if not isinstance(p, int):
+            return False
     ex.prompt_tokens = p if isinstance(p, int) else 0
     ex.completion_tokens = c if isinstance(c, int) else 0
     ex.usage_source = "backend"
+    return True
 
 
 # ---------------------------------------------------------------- accounting
@@ -528,7 +595,7 @@ def _take_usage(ex: Exchange, usage: dict) -> None:
 def _settle_usage(ex: Exchange) -> None:
     """The tokens of a request that reached a backend but got no usage from it: a stream's counted events
     ("counted"), or estimates from the body's and the answer's bytes ("estimated")."""
-    if ex.usage_source is not None or ex.deployment is None or (400 <= ex.status < 499):
+    if ex.usage_source is not None or ex.deployment is None or (400 <= ex.status < 499) or not ex.endpoint.counts_tokens:
         return
     if ex.relay is not None or (ex.stream and ex.status == 499):
         ex.prompt_tokens = ex.prompt_estimate

@@ -57,11 +57,13 @@ def estimate_prompt_tokens(body_bytes: int) -> int:
     return body_bytes // PROMPT_BYTES_PER_TOKEN
 
 
-def tokens_up_front(body: dict, body_bytes: int, kind: str) -> int:
-    """What a request is charged against a TPM limit before it runs: its prompt estimate and its max_tokens."""
-    limit = body.get("max_tokens") or body.get("max_completion_tokens")
-    completion = 0 if kind == "embeddings" else (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
-    return estimate_prompt_tokens(body_bytes) + completion
+def tokens_up_front(body: dict, prompt_bytes: int, generates: bool) -> int:
+    """What a request is charged against a TPM limit before it runs: its prompt estimate and, for an endpoint
+    that generates, its max_tokens (max_output_tokens for the Responses API)."""
+    if not generates:
+        return estimate_prompt_tokens(prompt_bytes)
+    limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+    return estimate_prompt_tokens(prompt_bytes) + (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
 
 
 def check_model(served: ServedConfig, team: str | None, model: str) -> None:
@@ -72,7 +74,7 @@ def check_model(served: ServedConfig, team: str | None, model: str) -> None:
                        f"{', '.join(sorted(allowed)) or 'none'}.", "model_not_allowed", "model")
 
 
-def admit_team(meters: Meters, team: Team, body: dict, body_bytes: int, kind: str) -> Charge:
+def admit_team(meters: Meters, team: Team, body: dict, prompt_bytes: int, generates: bool) -> Charge:
     """Refuse a team over its monthly budget or its tokens per minute; else charge the minute up front."""
     meter = meters.meter(team.name)
     charge = Charge(meter, budget_of=team)
@@ -90,7 +92,7 @@ def admit_team(meters: Meters, team: Team, body: dict, body_bytes: int, kind: st
                            f"{next_month(now):%Y-%m-%d} 00:00 UTC.", "insufficient_quota",
                            type_="insufficient_quota", headers={"x-should-retry": "false"})
     if team.tpm is not None:
-        tokens_now = tokens_up_front(body, body_bytes, kind)
+        tokens_now = tokens_up_front(body, prompt_bytes, generates)
         minute = meters.minute()
         if not meter.reserve(minute, tokens_now, team.tpm):
             metrics.rate_limit_hit(team.name, "tpm")
@@ -102,8 +104,8 @@ def admit_team(meters: Meters, team: Team, body: dict, body_bytes: int, kind: st
     return charge
 
 
-def admit_key(meters: Meters, policy: KeyPolicy, team: str | None, model: str, body: dict, body_bytes: int,
-              kind: str, charges: list[Charge]) -> None:
+def admit_key(meters: Meters, policy: KeyPolicy, team: str | None, model: str, body: dict, prompt_bytes: int,
+              generates: bool, charges: list[Charge]) -> None:
     """A virtual key's own limits (DB mode): models, budget, requests per minute, tokens per minute, parallel.
 
     The key's charge joins `charges` as soon as it holds something, so that a later refusal releases it.
@@ -124,7 +126,7 @@ def admit_key(meters: Meters, policy: KeyPolicy, team: str | None, model: str, b
         raise ApiError(429, f"This key reached its limit of {policy.rpm} requests per minute; retry in {wait} s.",
                        "rate_limit_exceeded", type_="requests", headers={"Retry-After": str(wait)})
     if policy.tpm is not None:
-        tokens_now = tokens_up_front(body, body_bytes, kind)
+        tokens_now = tokens_up_front(body, prompt_bytes, generates)
         if not charge.meter.reserve(minute, tokens_now, policy.tpm):
             metrics.rate_limit_hit(team or "", "key_tpm")
             wait = meters.seconds_to_next_minute()

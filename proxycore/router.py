@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import yarl
 
 from controller.model.config import Deployment, ProxyConfig
+from proxycore.endpoints import BACKEND_PATHS, backend_url
 
-ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
-                  "models": "/models"}
 FAIL_WINDOW_S = 60.0
 PROBE_FAILURES_TO_LEAVE = 3  # probes in a row that fail before a deployment leaves rotation
 PROBE_SUCCESSES_TO_RETURN = 2  # probes in a row that pass before it comes back
@@ -39,7 +38,7 @@ class DeploymentState:
 
     def __init__(self, d: Deployment):
         self.d = d
-        self.urls = {kind: yarl.URL(d.api_base + path) for kind, path in ENDPOINT_PATHS.items()}
+        self.urls = {path: yarl.URL(backend_url(d.api_base, path)) for path in BACKEND_PATHS}  # by vLLM's path
         self.headers = {"Content-Type": "application/json"}
         if d.api_key:
             self.headers["Authorization"] = f"Bearer {d.api_key}"

@@ -157,6 +157,24 @@ def http(method: str, url: str, body: bytes | dict | list | None = None, headers
         return HttpResponse(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
 
 
+def read_then_hang_up(base: str, path: str, body: dict, headers: dict[str, str], events: int) -> None:
+    """A client that POSTs a streamed request, reads `events` SSE data events and closes the connection."""
+    import json
+
+    payload = json.dumps(body).encode()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        seen = b""
+        while seen.count(b"data: ") < events:
+            piece = s.recv(65536)
+            if not piece:
+                raise AssertionError(f"the stream ended after {seen.count(b'data: ')} events: {seen[-500:]!r}")
+            seen += piece
+
+
 class Gateway:
     """A running `llmgate up` in a temporary directory, with its files and addresses."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
-from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, write_config
+from support import MASTER_KEY, free_port, http, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -45,7 +47,6 @@ def still_serving(gw):
     (b"\xff\xfe{\"model\": 1}", None),  # not UTF-8
     (b"[1, 2]", None),
     (b'{"model": 7, "messages": []}', "model"),
-    (b'{"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
 ])
 def test_requests_that_cannot_be_routed_get_400_from_llmgate(gw, raw, param):
     err = assert_openai_error(post(gw, raw), 400)
@@ -57,6 +58,9 @@ def test_requests_that_cannot_be_routed_get_400_from_llmgate(gw, raw, param):
     b'{"model": "llama-3.1-8b-instruct"}',
     b'{"model": "llama-3.1-8b-instruct", "messages": "hi"}',
     b'{"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}',
+    b'{"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "stream": "maybe"}',
+    b'{"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}], "stream": true,'
+    b' "stream_options": "all"}',
 ])
 def test_parameter_errors_are_the_backends_and_reach_the_client_as_it_sent_them(gw, raw):
     """Only the backend knows its parameters: llmgate passes the request on and its 400 back, body unchanged."""
@@ -65,6 +69,36 @@ def test_parameter_errors_are_the_backends_and_reach_the_client_as_it_sent_them(
     direct = http("POST", gw["backend"] + "/chat/completions", raw, {"Content-Type": "application/json"})
     assert direct.status == 400 and r.json() == direct.json()
     still_serving(gw)
+
+
+@pytest.mark.parametrize("body, path", [
+    ({**GOOD, "max_tokens": "5"}, "/v1/chat/completions"),
+    ({**GOOD, "stream": "false"}, "/v1/chat/completions"),
+    ({"model": MODEL, "prompt": "once", "max_tokens": 3.0, "stream": 0}, "/v1/completions"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "embed this chat"}]}, "/v1/embeddings"),
+])
+def test_requests_vllm_accepts_get_vllms_answer(gw, body, path):
+    """Lax types (pydantic's: "5", "false", 3.0, 0) and vLLM's own request shapes are the backend's to judge."""
+    r = post(gw, body, path=path)
+    direct = http("POST", gw["backend"] + path.removeprefix("/v1"), body)
+    assert r.status == direct.status == 200, r.text
+    assert {k: v for k, v in r.json().items() if k not in ("id", "created")} == {
+        k: v for k, v in direct.json().items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize("flag", ["true", "yes", 1])
+def test_a_stream_flag_vllm_reads_as_true_streams_with_its_usage_counted(spawn, tmp_path, flag):
+    _, api_base = start_fake_vllm(spawn)
+    cfg = write_config(tmp_path / "config.yaml", [{"model_name": MODEL, "api_base": api_base}])
+    log = tmp_path / "usage.jsonl"
+    _, base = start_proxy(spawn, cfg, "--usage-log", str(log))
+    r = http("POST", base + "/v1/chat/completions", {**GOOD, "max_tokens": 6, "stream": flag, "stream_options": None},
+             AUTH)
+    assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.endswith("data: [DONE]\n\n") and '"usage"' not in r.text  # the client asked for none
+    assert wait_until(lambda: log.exists() and log.read_text().count("\n") == 1)
+    line = json.loads(log.read_text())
+    assert (line["stream"], line["completion_tokens"], line["usage_source"]) == (True, 6, "backend")
 
 
 def test_wrong_types_on_embeddings_and_completions(gw):

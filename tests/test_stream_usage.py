@@ -4,11 +4,10 @@ vLLM would have sent it: usage only when asked for, `system_fingerprint` where v
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
-from support import MASTER_KEY, http, sha256_hex, start_fake_vllm, start_proxy, wait_until, write_config
+from support import MASTER_KEY, http, read_then_hang_up, sha256_hex, start_fake_vllm, start_proxy, wait_until, write_config
 
 MODEL = "llama-3.1-8b-instruct"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -95,19 +94,6 @@ def test_a_backend_without_stream_usage_is_counted_event_by_event(setup):
     assert line["prompt_tokens"] == len(json.dumps(body).encode()) // 4  # the documented estimate
 
 
-def _read_then_hang_up(base: str, body: dict, headers: dict[str, str], events: int) -> None:
-    """A client that reads `events` SSE events and closes the connection."""
-    payload = json.dumps(body).encode()
-    host, port = base.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
-                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        seen = b""
-        while seen.count(b"data: ") < events:
-            seen += s.recv(65536)
-
-
 def test_an_aborted_stream_is_logged_with_what_was_delivered_and_charged(spawn, tmp_path):
     _, api_base = start_fake_vllm(spawn, "--stream-chunks", "200", "--chunk-delay-ms", "50")
     cfg = write_config(tmp_path / "config.yaml", [{"model_name": MODEL, "api_base": api_base}])
@@ -119,7 +105,7 @@ def test_an_aborted_stream_is_logged_with_what_was_delivered_and_charged(spawn, 
                           env={"LLMGATE_INTERNAL_KEY": INTERNAL_KEY})
     team = {"Authorization": f"Bearer {INTERNAL_KEY}", "X-Team": "team-a", "X-Key-Id": "k"}
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 150, "stream": True}
-    _read_then_hang_up(base, body, team, events=40)
+    read_then_hang_up(base, "/v1/chat/completions", body, team, events=40)
     line = line_number(log, 1)
     sent = fake_stats(api_base)["completion_tokens"]
     assert line["status"] == 499 and line["usage_source"] == "counted"

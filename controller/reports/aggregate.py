@@ -69,6 +69,7 @@ class Histogram:
 
 # ---------------------------------------------------------------- groups
 
+_NOT_EXACT = frozenset({"counted", "estimated"})  # usage_source of lines whose tokens are not all the backend's
 OK, RATE_LIMITED, QUOTA, UNAUTHORIZED, FORBIDDEN, CLIENT, SERVER = range(len(OUTCOMES))
 
 
@@ -86,13 +87,15 @@ def outcome(status: int, error: str | None) -> int:
 
 
 class Group:
-    __slots__ = ("requests", "outcomes", "prompt_tokens", "completion_tokens", "cost_usd", "latency", "ttft")
+    __slots__ = ("requests", "outcomes", "prompt_tokens", "completion_tokens", "estimated_tokens", "cost_usd", "latency",
+                 "ttft")
 
     def __init__(self) -> None:
         self.requests = 0
         self.outcomes = [0] * len(OUTCOMES)
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.estimated_tokens = 0  # of the tokens above, those of lines whose usage_source is counted or estimated
         self.cost_usd = 0.0
         self.latency = Histogram()
         self.ttft = Histogram()
@@ -102,6 +105,7 @@ class Group:
         self.outcomes = [a + b for a, b in zip(self.outcomes, other.outcomes)]
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.estimated_tokens += other.estimated_tokens
         self.cost_usd += other.cost_usd
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
@@ -113,6 +117,7 @@ class Group:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "estimated_tokens": self.estimated_tokens,
             "cost_usd": round(self.cost_usd, 6),
             "p50_ms": self.latency.quantile(0.50),
             "p95_ms": self.latency.quantile(0.95),
@@ -192,6 +197,8 @@ class UsageReport:
         g.outcomes[0 if 200 <= status < 300 else outcome(status, error)] += 1
         g.prompt_tokens += prompt
         g.completion_tokens += completion
+        if (prompt or completion) and d.get("usage_source") in _NOT_EXACT:
+            g.estimated_tokens += prompt + completion
         if cost:
             g.cost_usd += cost
         g.latency.add(latency)

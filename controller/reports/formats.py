@@ -10,8 +10,8 @@ import orjson
 from controller.reports.aggregate import UsageReport
 
 COLUMNS = ("requests", "ok", "rate_limited", "quota_exceeded", "unauthorized", "forbidden", "client_errors",
-           "server_errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "p50_ms", "p95_ms",
-           "ttft_p50_ms")
+           "server_errors", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_tokens",
+           "cost_usd", "p50_ms", "p95_ms", "ttft_p50_ms")
 
 
 def cell(v: object) -> str:
