@@ -43,6 +43,7 @@ test: venv test-deps lint
 bench: venv system-deps
 	@command -v wrk >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq wrk; }
 	$(BIN)/python bench/bench_proxy.py
+	$(BIN)/python bench/bench_cancel.py
 	$(BIN)/python bench/bench_usage.py
 
 clean:

@@ -691,7 +691,14 @@ def gateway_goals(rows: list[Row], key_lookup: str) -> list[Goal]:
     value, at = worse(edge)
     parts = " + ".join(edge_roles)
     direct, proxycore = find_row(rows, "direct", 1, False), find_row(rows, "proxycore", 1, False)
+    # the whole gateway (edge and proxycore, usage log on) against the backend it fronts, in the same phase
+    full = {c: sum(v for role, v in r.cpu_us.items() if role != "backend") / r.cpu_us["backend"]
+            for c, r in unary.items()}
+    full_value, full_at = worse(full)
     return [
+        Goal(f"full gateway CPU / backend CPU per request, {key_lookup} ({parts} + proxycore, non-streaming, "
+             f"{full_at})", full_value, "x", 2.0, True,
+             "; ".join(f"{conns_label(c)}: {full[c]:.2f}x" for c in (1, 32))),
         Goal(f"edge CPU per request over proxycore alone, {key_lookup} ({parts}, non-streaming, {at})", value,
              "µs", EDGE_CPU_GOAL_US, True,
              "; ".join(f"{conns_label(c)}: {edge[c]:.0f} µs (nginx alone {alone[c]:.0f})" for c in (1, 32))

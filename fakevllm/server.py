@@ -132,6 +132,8 @@ class FakeVLLM:
     rng: random.Random
     stats: FakeStats = field(default_factory=FakeStats)
     last: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=LAST_REQUESTS_KEPT))
+    # (the request's `user` field, time.monotonic()) of each request whose client went away, for bench_cancel.py
+    cancels: deque[tuple[str | None, float]] = field(default_factory=lambda: deque(maxlen=LAST_REQUESTS_KEPT * 20))
 
 
 FAKE = web.AppKey("fake_vllm", FakeVLLM)
@@ -1014,6 +1016,18 @@ def _parse_or_none(raw: bytes) -> Any:
     return parsed
 
 
+def _user_of(raw: bytes) -> str | None:
+    body = _parse_or_none(raw)
+    user = body.get("user") if isinstance(body, dict) else None
+    return user if isinstance(user, str) else None
+
+
+async def fake_cancels(request: web.Request) -> web.Response:
+    """When each request whose client went away was cancelled here: its `user` and time.monotonic() (one clock
+    for every process of the machine, so a client can tell how long the cancel took to arrive)."""
+    return _json([{"user": user, "monotonic": at} for user, at in request.app[FAKE].cancels])
+
+
 async def fake_config(request: web.Request) -> web.Response:
     fake = request.app[FAKE]
     try:
@@ -1038,6 +1052,7 @@ async def fake_reset(request: web.Request) -> web.Response:
     fake = request.app[FAKE]
     fake.stats = FakeStats()  # requests still running finish against the old counters
     fake.last.clear()
+    fake.cancels.clear()
     fake.config = replace(fake.start_config)
     fake.rng.seed(fake.seed)
     return _json(asdict(fake.config))
@@ -1065,6 +1080,7 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
     stats.requests += 1
     stats.in_flight += 1
     stats.by_path[path] = stats.by_path.get(path, 0) + 1
+    raw_body = b""
     try:
         raw_body = await request.read() if request.body_exists else b""
         fake.last.append(RecordedRequest(path, request.headers, raw_body, time.time()))
@@ -1083,9 +1099,11 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
         response = _json({"detail": exc.reason}, status=exc.status)
     except asyncio.CancelledError:
         stats.cancelled += 1
+        fake.cancels.append((_user_of(raw_body), time.monotonic()))
         raise
     except ClientDisconnected as gone:
         stats.cancelled += 1
+        fake.cancels.append((_user_of(raw_body), time.monotonic()))
         return gone.response
     except Exception as exc:  # a bug here must still look like a server error, not a traceback
         response = VllmError(500, f"{type(exc).__name__}: {exc}", "InternalServerError").response()
@@ -1135,6 +1153,7 @@ def make_fake_vllm_app(
     app.router.add_get("/version", version)
     app.router.add_get("/fake/stats", fake_stats)
     app.router.add_get("/fake/last", fake_last)
+    app.router.add_get("/fake/cancels", fake_cancels)
     app.router.add_post("/fake/config", fake_config)
     app.router.add_post("/fake/reset", fake_reset)
     return app
