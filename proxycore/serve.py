@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import signal
@@ -19,8 +20,12 @@ from controller.model.yamlpath import ConfigError
 from controller.ops.serving import ListenError, bind_unix, start_site, wait_for_stop
 from controller.reports.aggregate import month_to_date
 
-READY_TIMEOUT_S = 30.0
-RESTART_BACKOFF_MAX_S = 10.0
+READY_TIMEOUT_S = 30.0  # a worker not serving by then is killed (and counts as a failed start)
+RESTART_DELAY_S = 0.1  # a worker that died is started again after this (doubled per failed start in a row)
+START_ATTEMPTS = 5  # failed starts in a row after which `llmgate proxy` gives up and exits 1
+HEARTBEAT_S = 1.0  # each worker's event loop writes a byte to its supervisor this often
+HUNG_AFTER_S = 10.0  # a worker silent this long is hung: killed and started again
+SUPERVISE_TICK_S = 0.25
 LISTEN_SETTING = "--host/--port or --unix (gateway.proxy_listen under llmgate up)"
 
 
@@ -132,14 +137,35 @@ class ProxyWorker:
             return 1
         if announce:
             _announce(self.config, shown, 1)
-        if ready_fd is not None:
-            os.write(ready_fd, b"r")
-            os.close(ready_fd)
+        beats = asyncio.ensure_future(_heartbeat(ready_fd)) if ready_fd is not None else None
         await wait_for_stop(on_usr1=usage.reopen if usage is not None else None)
+        if beats is not None:
+            beats.cancel()
         await runner.cleanup()
         if usage is not None:
             usage.close()
         return 0
+
+
+async def _heartbeat(fd: int) -> None:
+    """`r` (ready), then a byte every HEARTBEAT_S from this worker's event loop to its supervisor; a supervisor
+    that is gone (EPIPE) stops the worker, so that no orphan keeps serving."""
+    os.set_blocking(fd, False)
+    beat = b"r"
+    try:
+        while True:
+            try:
+                os.write(fd, beat)
+            except BlockingIOError:
+                pass  # the supervisor is not reading (stopped): it will see this worker's next byte
+            except BrokenPipeError:
+                print("llmgate: the proxy workers' supervisor is gone; this worker stops", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            beat = b"h"
+            await asyncio.sleep(HEARTBEAT_S)
+    finally:
+        os.close(fd)
 
 
 def _announce(config: ProxyConfig, shown: str, workers: int) -> None:
@@ -148,96 +174,160 @@ def _announce(config: ProxyConfig, shown: str, workers: int) -> None:
           f"models: {', '.join(config.model_names())})", flush=True)
 
 
+class _Slot:
+    """One worker's place: restarted in it when it dies; its pipe carries `r` once ready, then heartbeats."""
+
+    __slots__ = ("pid", "fd", "started", "ready", "last_beat", "failed_starts", "due")
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.fd: int | None = None  # the read end of the worker's pipe
+        self.started = self.last_beat = 0.0
+        self.ready = False
+        self.failed_starts = 0  # in a row: exits before ready
+        self.due: float | None = None  # when to start it again
+
+
 def _supervise_workers(worker: ProxyWorker, count: int) -> int:
-    """Fork `count` workers on one SO_REUSEPORT port; restart crashed ones; forward signals."""
+    """Fork `count` workers on one SO_REUSEPORT port (or one shared unix socket) and keep them serving.
+
+    A worker that exits is started again after RESTART_DELAY_S; one whose event loop sends no heartbeat for
+    HUNG_AFTER_S (frozen, SIGSTOP) is killed and started again. A worker that exits before it is ready
+    START_ATTEMPTS times in a row cannot start: every worker is stopped and `llmgate proxy` exits 1, so that
+    whoever runs it (`llmgate up`, systemd, Kubernetes) sees it. Signals are forwarded to every worker.
+    """
+    import select
+
     own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # under `llmgate up` the whole gateway shares one
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="llmgate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any worker imports prometheus_client
-    worker.reuse_port = worker.sock is None  # TCP: each worker binds the port; a socket is shared as bound
-    children: dict[int, int] = {}  # pid -> slot
-    stopping = False
+    from prometheus_client import multiprocess
 
-    def spawn(slot: int, report_ready: bool = True) -> int | None:
-        """Fork a worker; returns the read end of its ready pipe when `report_ready`."""
-        r, w = os.pipe() if report_ready else (None, None)
+    worker.reuse_port = worker.sock is None  # TCP: each worker binds the port; a socket is shared as bound
+    slots = [_Slot() for _ in range(count)]
+    state = {"stopping": False, "announced": False, "code": 0}
+
+    def spawn(slot: _Slot) -> None:
+        r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            if r is not None:
-                os.close(r)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            code = 1
+            status = 1
             try:
-                code = worker.run(ready_fd=w)
+                os.close(r)
+                for other in slots:
+                    if other.fd is not None:
+                        os.close(other.fd)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                status = worker.run(ready_fd=w)
             finally:
-                os._exit(code)
-        if w is not None:
-            os.close(w)
-        children[pid] = slot
-        return r
+                os._exit(status)
+        os.close(w)
+        slot.pid, slot.fd, slot.ready, slot.due = pid, r, False, None
+        slot.started = slot.last_beat = time.monotonic()
+
+    def signal_workers(signum: int) -> None:
+        for slot in slots:
+            if slot.pid is not None:
+                try:
+                    os.kill(slot.pid, signum)
+                except ProcessLookupError:
+                    pass
 
     def forward(signum: int, _frame) -> None:
-        nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            state["stopping"] = True
+        signal_workers(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, forward)
-    pipes = [spawn(slot) for slot in range(count)]
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for r in pipes:
-        assert r is not None
-        ok = _wait_ready(r, deadline)
-        os.close(r)
-        if not ok:
-            print("llmgate: a proxy worker did not start; see the messages above", file=sys.stderr)
-            forward(signal.SIGTERM, None)
-            break
-    else:
-        _announce(worker.config, str(worker.listen), count)
-
-    from prometheus_client import multiprocess
-
-    failures: dict[int, int] = {}
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        slot = children.pop(pid, None)
-        multiprocess.mark_process_dead(pid)
-        if slot is None or stopping:
-            continue
-        failures[slot] = failures.get(slot, 0) + 1
-        delay = min(RESTART_BACKOFF_MAX_S, 0.1 * 2 ** failures[slot])
-        print(f"llmgate: proxy worker {pid} exited ({_describe_status(status)}); restarting in {delay:.1f}s",
-              file=sys.stderr, flush=True)
-        time.sleep(delay)
-        if not stopping:
-            spawn(slot, report_ready=False)  # nobody waits for a restarted worker's ready byte
+    for slot in slots:
+        spawn(slot)
+    while any(s.pid is not None or (s.due is not None and not state["stopping"]) for s in slots):
+        now = time.monotonic()
+        wait = max(0.0, min([SUPERVISE_TICK_S] + [s.due - now for s in slots if s.due is not None]))
+        fds = [s.fd for s in slots if s.fd is not None]
+        readable = set(select.select(fds, [], [], wait)[0]) if fds else set()
+        if not fds:
+            time.sleep(wait)
+        now = time.monotonic()
+        for slot in slots:
+            if slot.fd is not None and slot.fd in readable:
+                _read_beats(slot, now)
+        if not state["announced"] and not state["stopping"] and all(s.ready for s in slots):
+            _announce(worker.config, str(worker.listen), count)
+            state["announced"] = True
+        _reap(slots, state, now, multiprocess.mark_process_dead, signal_workers)
+        for slot in slots:
+            if slot.pid is not None and not state["stopping"]:
+                _kill_if_stuck(slot, now)
+            elif slot.due is not None and slot.due <= now and not state["stopping"]:
+                spawn(slot)
     if own_dir:
         _remove_dir(metrics_dir)
-    return 0
+    return int(state["code"])
 
 
-def _wait_ready(fd: int, deadline: float) -> bool:
-    import select
+def _read_beats(slot: _Slot, now: float) -> None:
+    assert slot.fd is not None
+    data = os.read(slot.fd, 4096)
+    if not data:  # the worker closed its end: it is exiting
+        os.close(slot.fd)
+        slot.fd = None
+        return
+    slot.last_beat = now
+    if not slot.ready and b"r" in data:
+        slot.ready, slot.failed_starts = True, 0
 
-    remaining = deadline - time.monotonic()
-    while remaining > 0:
+
+def _reap(slots: list[_Slot], state: dict, now: float, mark_dead, signal_workers) -> None:
+    """Collect every worker that ended, and schedule its replacement (or give up on one that cannot start)."""
+    while True:
         try:
-            readable, _, _ = select.select([fd], [], [], remaining)
-        except InterruptedError:
-            readable = []
-        if readable:
-            return os.read(fd, 1) == b"r"
-        remaining = deadline - time.monotonic()
-    return False
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        mark_dead(pid)
+        slot = next((s for s in slots if s.pid == pid), None)
+        if slot is None:
+            continue
+        if slot.fd is not None:
+            os.close(slot.fd)
+        slot.pid = slot.fd = None
+        if state["stopping"]:
+            continue
+        if not slot.ready:
+            slot.failed_starts += 1
+            if not state["announced"] or slot.failed_starts >= START_ATTEMPTS:
+                tries = f" {slot.failed_starts} times in a row" if state["announced"] else ""
+                print(f"llmgate: a proxy worker could not start{tries} (last: {_describe_status(status)}); "
+                      "stopping; see the messages above", file=sys.stderr, flush=True)
+                state["stopping"], state["code"] = True, 1
+                signal_workers(signal.SIGTERM)
+                continue
+        delay = RESTART_DELAY_S * 2 ** slot.failed_starts
+        print(f"llmgate: proxy worker {pid} exited ({_describe_status(status)}); starting another in {delay:.1f}s",
+              file=sys.stderr, flush=True)
+        slot.due = now + delay
+
+
+def _kill_if_stuck(slot: _Slot, now: float) -> None:
+    """A ready worker silent for HUNG_AFTER_S, or one not ready after READY_TIMEOUT_S, is killed (then reaped)."""
+    assert slot.pid is not None
+    if slot.ready and now - slot.last_beat > HUNG_AFTER_S:
+        why = f"sent no heartbeat for {HUNG_AFTER_S:g}s (hung)"
+    elif not slot.ready and now - slot.started > READY_TIMEOUT_S:
+        why = f"was not ready after {READY_TIMEOUT_S:g}s"
+    else:
+        return
+    print(f"llmgate: proxy worker {slot.pid} {why}; killing it", file=sys.stderr, flush=True)
+    try:
+        os.kill(slot.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    slot.last_beat = slot.started = now  # once: the kill is reaped on a later pass
 
 
 def _describe_status(status: int) -> str:

@@ -95,7 +95,7 @@ def test_two_workers_share_one_port_one_log_and_one_metrics_view(spawn, tmp_path
     assert len(pids) == 2
     import os
     os.kill(pids.pop(), signal.SIGKILL)
-    assert wait_until(lambda: "restarting" in proxy.output, timeout=5)
+    assert wait_until(lambda: "exited (signal 9); starting another" in proxy.output, timeout=5)
     assert wait_until(lambda: len(subprocess.run(["pgrep", "-P", str(proxy.pid)], capture_output=True,
                                                  text=True).stdout.split()) == 2, timeout=5)
     assert one(0) == 200

@@ -36,6 +36,21 @@ async def wait_for_stop(*, on_hup: Callable[[], Any] | None = None, on_usr1: Cal
             loop.remove_signal_handler(sig)
 
 
+async def answers_ok(listen: Listen, path: str) -> bool:
+    """GET `path` on `listen` (a TCP address or a unix socket) answers 200: the process's event loop serves."""
+    if isinstance(listen, UnixSocket):
+        reader, writer = await asyncio.open_unix_connection(listen.path)
+    else:
+        assert isinstance(listen, Address)
+        reader, writer = await asyncio.open_connection(listen.host, listen.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: llmgate\r\n\r\n".encode())
+        status = await reader.readline()
+        return status.split(b" ", 2)[1:2] == [b"200"]
+    finally:
+        writer.close()
+
+
 class ListenError(Exception):
     """The address cannot be listened on; the message is one line that says which and why."""
 

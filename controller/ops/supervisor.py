@@ -7,12 +7,16 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0  # a child that ran this long starts over at the shortest backoff
 STOP_GRACE_S = 10.0
+LIVENESS_INTERVAL_S = 1.0  # how often a running child with a liveness check is asked
+LIVENESS_TIMEOUT_S = 3.0  # how long each answer may take
+LIVENESS_MISSES = 3  # unanswered checks in a row after which the child is hung: killed, then restarted
 
 
 @dataclass
@@ -22,6 +26,7 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     ready: str | None = None  # a regex its output prints once it serves
     restart: bool = True
+    alive: Callable[[], Awaitable[bool]] | None = None  # True while it serves (a health request); None: not checked
 
 
 class Child:
@@ -85,7 +90,29 @@ class Supervisor:
         if child.proc is not None and child.proc.returncode is not None:
             raise RuntimeError(f"{spec.name} exited at start with status {child.proc.returncode}")
         self._watchers.append(asyncio.ensure_future(self._watch(child)))
+        if spec.alive is not None:
+            self._watchers.append(asyncio.ensure_future(self._check_liveness(child, spec.alive)))
         return child
+
+    async def _check_liveness(self, child: Child, alive: Callable[[], Awaitable[bool]]) -> None:
+        """Kill a child that stops answering (a frozen event loop, SIGSTOP); `_watch` then restarts it."""
+        misses = 0
+        while not self._stopping.is_set() and child.spec.restart:
+            await asyncio.sleep(LIVENESS_INTERVAL_S)
+            proc = child.proc
+            if proc is None or proc.returncode is not None or not child.ready.is_set():
+                misses = 0
+                continue
+            try:
+                ok = await asyncio.wait_for(alive(), LIVENESS_TIMEOUT_S)
+            except (TimeoutError, OSError):
+                ok = False
+            misses = 0 if ok else misses + 1
+            if misses >= LIVENESS_MISSES and proc is child.proc and proc.returncode is None:
+                print(f"llmgate: {child.spec.name} did not answer its liveness check {misses} times in a row "
+                      f"({LIVENESS_TIMEOUT_S:g}s each); killing it", flush=True)
+                child.kill_group()
+                misses = 0
 
     async def _ready_or_exit(self, child: Child) -> None:
         assert child.proc is not None

@@ -27,7 +27,7 @@ from controller.model.wire import key_hash
 from controller.model.yamlpath import ConfigError
 from controller.ops.filewatch import FileWatch
 from controller.ops.secrets import DEMO_KEY_ENV, ensure_secrets, secrets_file
-from controller.ops.serving import wait_for_stop
+from controller.ops.serving import answers_ok, wait_for_stop
 from controller.ops.supervisor import Child, ChildSpec, Supervisor
 
 PYTHON = sys.executable  # each child is a program of its own: python -m proxycore | authsvc | fakevllm
@@ -69,6 +69,11 @@ def demo_backends(config: ProxyConfig, down: dict[tuple[str, int], list[str]]) -
         if d.upstream_model not in models:
             models.append(d.upstream_model)
     return wanted
+
+
+def _liveness(listen: Listen, path: str):
+    """The supervisor's liveness check of a child that serves HTTP on `listen`."""
+    return functools.partial(answers_ok, listen, path)
 
 
 def listen_args(listen: Listen) -> list[str]:
@@ -123,13 +128,15 @@ class SupervisedGateway:
                       "until it does" + ("" if self.args.demo else " (llmgate up --demo serves a demo model there)"),
                       flush=True)
         assert gw.proxy_listen is not None
-        await self.sup.add(ChildSpec("proxycore", self._proxy_argv(gw.proxy_listen, gw.workers), ready=r"listening on"))
+        await self.sup.add(ChildSpec("proxycore", self._proxy_argv(gw.proxy_listen, gw.workers), ready=r"listening on",
+                                     alive=_liveness(gw.proxy_listen, "/health/liveliness")))
         await self.sync_dedicated(self.cfg)
         if self.cfg.runs_authsvc:
             assert gw.auth_listen is not None
             auth = [PYTHON, "-m", "authsvc", "--teams", self.args.teams, "--config", self.args.config,
                     *listen_args(gw.auth_listen)]
-            await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on"))
+            await self.sup.add(ChildSpec("authsvc", auth, ready=r"listening on",
+                                         alive=_liveness(gw.auth_listen, "/health")))
         first = self.reloader.initial(self.cfg)
         if not first.ok or first.checksum is None:
             raise RuntimeError(first.message)
@@ -155,7 +162,7 @@ class SupervisedGateway:
             if key not in self.dedicated:
                 assert team.dedicated_listen is not None
                 spec = ChildSpec(f"proxycore:{team.name}", self._proxy_argv(team.dedicated_listen, 1, team.name),
-                                 ready=r"listening on")
+                                 ready=r"listening on", alive=_liveness(team.dedicated_listen, "/health/liveliness"))
                 self.dedicated[key] = await self.sup.add(spec)
         if stop_extra:
             for key in [k for k in self.dedicated if k not in wanted]:
