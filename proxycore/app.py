@@ -82,8 +82,12 @@ async def liveliness(request: web.Request) -> web.Response:
 async def readiness(request: web.Request) -> web.Response:
     served = request.app[LIVE].served
     up = sum(1 for g in served.groups.values() for s in g.members if s.up)
-    status = 200 if up else 503
-    return web.json_response({"status": "healthy" if up else "unhealthy", "deployments_up": up}, status=status)
+    usage = request.app.get(USAGE)
+    log_problem = usage.status() if usage is not None else None
+    body: dict = {"status": "healthy" if up and log_problem is None else "unhealthy", "deployments_up": up}
+    if log_problem is not None:
+        body["usage_log"] = log_problem
+    return web.json_response(body, status=200 if up and log_problem is None else 503)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -229,6 +233,21 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     await app[HTTP].close()
 
 
+async def _retry_usage_lines(app: web.Application) -> AsyncIterator[None]:
+    """Usage lines that wait for the log (a full disk) are written as soon as it takes them again."""
+    usage = app.get(USAGE)
+
+    async def every_second() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if usage is not None and usage.spool:
+                usage.retry()
+
+    task = asyncio.ensure_future(every_second())
+    yield
+    task.cancel()
+
+
 async def _follow_config_files(app: web.Application) -> AsyncIterator[None]:
     """Reload config.yaml and teams.yaml in-process when they change, or on SIGHUP."""
     live = app[LIVE]
@@ -262,6 +281,7 @@ def make_app(live: LiveConfig, *, usage_log: UsageLog | None = None, meters: Met
         app[USAGE] = usage_log
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_follow_config_files)
+    app.cleanup_ctx.append(_retry_usage_lines)
     r = app.router
     for path, handler in inference_routes():
         r.add_post(path, handler)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import random
 import re
@@ -43,6 +44,7 @@ from proxycore.router import DeploymentState, ModelGroup, pick_deployment
 from proxycore.upstream import UpstreamClient, UpstreamError, UpstreamProtocolError, UpstreamResponse, UpstreamTimeout
 from proxycore.usage_log import UsageLog
 
+log = logging.getLogger("llmgate.proxy")
 LIVE = web.AppKey("live", LiveConfig)
 HTTP = web.AppKey("http", UpstreamClient)
 USAGE = web.AppKey("usage", UsageLog)
@@ -174,9 +176,15 @@ async def proxy_inference(request: web.Request, endpoint: Endpoint, upstream_pat
     except (asyncio.CancelledError, ConnectionResetError):
         ex.status, ex.error = 499, "client_closed_request"  # nginx's name for it
         raise
+    except Exception:
+        ex.status, ex.error = 500, "internal_error"  # a bug: the middleware answers, the line says what it was
+        raise
     finally:
-        _release(ex, answered=ex.status == 200)
-        _record(app, ex)
+        try:
+            _release(ex, answered=ex.status == 200)
+            _record(app, ex)
+        except Exception:  # accounting must never turn an answer into a 500; the bug is in the log
+            log.exception("accounting of request %s failed", ex.request_id)
 
 
 async def _read_body(request: web.Request, served: ServedConfig, ex: Exchange) -> tuple[bytes, dict]:
@@ -580,14 +588,29 @@ def _take_usage(ex: Exchange, usage: dict) -> bool:
     output_tokens; rerank only total_tokens, which are all the prompt's."""
     p = usage.get("prompt_tokens", usage.get("input_tokens"))
     c = usage.get("completion_tokens", usage.get("output_tokens"))
-    if not isinstance(p, int) and not isinstance(c, int):
+    if type(p) is not int and type(c) is not int:
         p = usage.get("total_tokens")
-        if not isinstance(p, int):
+        if type(p) is not int:
             return False
-    ex.prompt_tokens = p if isinstance(p, int) else 0
-    ex.completion_tokens = c if isinstance(c, int) else 0
-    ex.usage_source = "backend"
+    p = p if type(p) is int else 0
+    c = c if type(c) is int else 0
+    if not (0 <= p <= MAX_USAGE_TOKENS and 0 <= c <= MAX_USAGE_TOKENS):
+        _impossible_usage(ex, p, c)
+        return False
+    ex.prompt_tokens, ex.completion_tokens, ex.usage_source = p, c, "backend"
     return True
+
+
+MAX_USAGE_TOKENS = 1 << 31  # more than any context: a figure beyond it (or below 0) is the backend's error
+
+
+def _impossible_usage(ex: Exchange, prompt: int, completion: int) -> None:
+    """A backend that reports negative or absurd usage: counted as its error; the request's tokens are then
+    estimated as for a backend that says nothing."""
+    dep = ex.deployment.d.id if ex.deployment is not None else "?"
+    metrics.BACKEND_ERRORS.labels(dep, "bad_usage").inc()
+    print(f"llmgate: deployment {dep} reported impossible usage (prompt {prompt}, completion {completion}) for "
+          f"request {ex.request_id}; its tokens are estimated instead", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- accounting

@@ -26,6 +26,9 @@ IN_FLIGHT = Gauge("llmgate_requests_in_flight", "Requests in flight per deployme
 RATE_LIMIT_HITS = Counter("llmgate_rate_limit_hits", "Requests refused by a limit", ["team", "kind"])
 BUDGET_USED = Gauge("llmgate_budget_used_ratio", "Month-to-date use over the team's budget (the larger of tokens and USD)",
                     ["team"], multiprocess_mode="mostrecent")
+USAGE_LOG_FAILING = Gauge("llmgate_usage_log_failing", "1 while usage lines cannot be written and wait in memory",
+                          multiprocess_mode="max")
+USAGE_LINES_DROPPED = Counter("llmgate_usage_lines_dropped", "Usage lines lost: the log failed and its spool was full")
 DEPLOYMENT_UP = Gauge("llmgate_deployment_up", "1 when the deployment is in rotation", ["deployment"],
                       multiprocess_mode="livemin")
 

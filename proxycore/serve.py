@@ -43,6 +43,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     if config.database_url is not None and not args.teams:
         print("llmgate: note: proxycore does not open general_settings.database_url; virtual keys, the admin API "
               "and /ui are served by `llmgate up` (nginx and authsvc in front of proxycore)", file=sys.stderr)
+    if args.usage_spool_lines < 0:
+        print("llmgate: --usage-spool-lines: expected 0 or more", file=sys.stderr)
+        return 2
     if args.workers < 1 or args.workers > 64:
         print("llmgate: --workers: expected a number from 1 to 64", file=sys.stderr)
         return 2
@@ -103,6 +106,7 @@ class ProxyWorker:
     def __init__(self, config: ProxyConfig, teams: TeamsConfig | None, args: argparse.Namespace, listen: Listen):
         self.config, self.teams, self.listen = config, teams, listen
         self.config_path, self.teams_path, self.usage_path = args.config, args.teams, args.usage_log
+        self.usage_spool_lines = getattr(args, "usage_spool_lines", 100_000)
         self.only_team = getattr(args, "only_team", None)
         self.reuse_port = False
         self.sock: socket.socket | None = None  # the unix socket, bound by the parent
@@ -122,7 +126,7 @@ class ProxyWorker:
         from proxycore.meters import Meters
         from proxycore.usage_log import UsageLog
 
-        usage = UsageLog(self.usage_path) if self.usage_path else None
+        usage = UsageLog(self.usage_path, self.usage_spool_lines) if self.usage_path else None
         served = ServedConfig.build(self.config, self.teams, only_team=self.only_team)
         live = LiveConfig(served, self.config_path, self.teams_path)
         app = make_app(live, usage_log=usage, meters=Meters(self.meter_dir) if self.meter_dir else None)
