@@ -34,7 +34,7 @@ from controller.model.teams import Address, Listen, TeamsConfig, UnixSocket, loa
 from controller.model.wire import KEY_ID_HEADER, KEY_POLICY_HEADER, TEAM_HEADER, KeyPolicy, bearer_token, key_hash
 from controller.model.yamlpath import ConfigError
 from controller.ops.filewatch import FileWatch
-from controller.ops.serving import ListenError, start_site, wait_for_stop
+from controller.ops.serving import BEHIND_NGINX, ListenError, start_site, wait_for_stop
 
 DEFAULT_LISTEN = Address("127.0.0.1", 4002)  # `llmgate auth` alone, when teams.yaml sets no auth_listen
 FRESH_S = 1.0  # a DB answer is reused this long (nginx caches valid keys for 3 s more in DB mode)
@@ -283,7 +283,7 @@ def run_authsvc(args: argparse.Namespace) -> int:
 
 async def _serve(app: web.Application, listen: Listen) -> int:
     files = app[KEYS]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2, **BEHIND_NGINX)
     await runner.setup()
     try:
         shown = await start_site(runner, listen, setting="--host/--port or --unix (gateway.auth_listen)")

@@ -257,7 +257,10 @@ async def _follow_config_files(app: web.Application) -> AsyncIterator[None]:
         return
 
     async def reload(reason: str) -> None:
-        problem = live.reload()
+        loaded = await asyncio.to_thread(live.load_files)  # parsed off the event loop: requests go on meanwhile
+        problem = loaded if isinstance(loaded, str) else None
+        if loaded is not None and not isinstance(loaded, str):
+            live.apply(*loaded)
         if problem:
             print(f"llmgate: proxycore kept the previous config: {problem}", file=sys.stderr, flush=True)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any
 
 import orjson
@@ -21,6 +22,45 @@ _WS = b" \t\r\n"
 
 class BodyError(ValueError):
     """The body is not a JSON object; the message says why."""
+
+
+class EncodingError(ValueError):
+    """A Content-Encoding proxycore cannot undo; `status` is 415 (unknown), 413 (too large decoded) or 400."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_content(raw: bytes, content_encoding: str, limit: int) -> bytes:
+    """A body as its sender meant it: gzip and deflate undone (in the reverse of their listed order), at most
+    `limit` bytes decoded. The backend is sent the decoded bytes (vLLM takes no compressed bodies)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    for coding in reversed(codings):
+        wbits = _DECODERS.get(coding)
+        if wbits is None:
+            raise EncodingError(415, f"Content-Encoding `{coding}` is not supported: send the body as it is, or "
+                                "gzip or deflate it.")
+        raw = _inflate(raw, coding, wbits, limit)
+    return raw
+
+
+def _inflate(raw: bytes, coding: str, wbits: int, limit: int) -> bytes:
+    for bits in (wbits, -zlib.MAX_WBITS) if coding == "deflate" else (wbits,):  # deflate: zlib-wrapped or raw
+        d = zlib.decompressobj(bits)
+        try:
+            out = d.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise EncodingError(413, f"The body is larger than the limit of {limit / (1024 * 1024):g} MB once "
+                                f"decoded ({coding}).")
+        if d.eof and not d.unused_data:
+            return out
+    raise EncodingError(400, f"The body is not valid {coding} data, as its Content-Encoding says.")
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

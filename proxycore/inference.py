@@ -27,6 +27,8 @@ from controller.model.wire import KEY_POLICY_HEADER, REQUEST_ID_HEADER, KeyPolic
 from proxycore import metrics
 from proxycore.body import (
     BodyError,
+    EncodingError,
+    decode_content,
     form_boundary,
     form_fields,
     form_with_model,
@@ -197,6 +199,13 @@ async def _read_body(request: web.Request, served: ServedConfig, ex: Exchange) -
         limit_mb = served.config.max_request_bytes / (1024 * 1024)
         raise ApiError(413, f"Request body is larger than the limit of {limit_mb:g} MB "
                        "(general_settings.max_request_size_mb).", "request_too_large") from None
+    encoding = request.headers.get("Content-Encoding")
+    if encoding:
+        try:
+            raw = decode_content(raw, encoding, served.config.max_request_bytes)
+        except EncodingError as exc:
+            code = {413: "request_too_large", 415: "unsupported_content_encoding"}.get(exc.status, "invalid_encoding")
+            raise ApiError(exc.status, str(exc), code) from None
     if ex.endpoint.multipart:
         content_type = request.headers.get("Content-Type", "")
         ex.boundary = form_boundary(content_type)

@@ -67,6 +67,16 @@ class LiveConfig:
 
     def reload(self) -> str | None:
         """Load both files again; on any problem keep the current config and return the reason."""
+        loaded = self.load_files()
+        if isinstance(loaded, str):
+            return loaded
+        if loaded is not None:
+            self.apply(*loaded)
+        return None
+
+    def load_files(self) -> tuple[ProxyConfig, TeamsConfig | None] | str | None:
+        """Read and check both files (safe in a thread: nothing serving is touched); the reason when they do not
+        load, None without a config path."""
         if self.config_path is None:
             return None
         try:
@@ -76,12 +86,15 @@ class LiveConfig:
                 check_team_models(config, teams)
         except ConfigError as exc:
             return str(exc)
+        return config, teams
+
+    def apply(self, config: ProxyConfig, teams: TeamsConfig | None) -> None:
+        """Serve loaded files (on the event loop: the deployments' live state moves over)."""
         previous = self.served
         self.served = ServedConfig.build(config, teams, previous=previous, only_team=previous.only_team)
         if config.ssl_verify != previous.config.ssl_verify:
             print("llmgate: proxycore: litellm_settings.ssl_verify changed; it applies after proxycore restarts",
                   file=sys.stderr, flush=True)
-        return None
 
 
 def authenticate(request: web.Request, served: ServedConfig) -> tuple[bool, str | None, str | None]:

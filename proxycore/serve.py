@@ -17,7 +17,7 @@ from controller.model.gateway import load_gateway_config
 from controller.model.teams import Address, Listen, TeamsConfig, UnixSocket
 from controller.model.usage_record import month_id
 from controller.model.yamlpath import ConfigError
-from controller.ops.serving import ListenError, bind_unix, start_site, wait_for_stop
+from controller.ops.serving import BEHIND_NGINX, ListenError, bind_unix, start_site, wait_for_stop
 from controller.reports.aggregate import month_to_date
 
 READY_TIMEOUT_S = 30.0  # a worker not serving by then is killed (and counts as a failed start)
@@ -130,7 +130,7 @@ class ProxyWorker:
         served = ServedConfig.build(self.config, self.teams, only_team=self.only_team)
         live = LiveConfig(served, self.config_path, self.teams_path)
         app = make_app(live, usage_log=usage, meters=Meters(self.meter_dir) if self.meter_dir else None)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5, **BEHIND_NGINX)
         await runner.setup()
         try:
             shown = await start_site(runner, self.listen, reuse_port=self.reuse_port, sock=self.sock,

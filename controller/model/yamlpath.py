@@ -147,19 +147,100 @@ def _describe(v: Any, secret: bool = False) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MAX_FILE_BYTES_ENV = "LLMGATE_MAX_CONFIG_BYTES"
+MAX_FILE_BYTES = 1024 * 1024  # config.yaml and teams.yaml: 1 MiB unless LLMGATE_MAX_CONFIG_BYTES says otherwise
+MAX_VALUES = 200_000  # values in a document once its aliases are expanded (a "billion laughs" has billions)
+
+
+def max_file_bytes() -> int:
+    raw = os.environ.get(MAX_FILE_BYTES_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else MAX_FILE_BYTES
+
+
+class _Loader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
+    """yaml.safe_load's loader, refusing a key that appears twice in one mapping (which YAML would let the
+    second one silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base constructor says so
+                break
+            if first is not key_node:
+                raise _Duplicate(key, first.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _Duplicate(Exception):
+    def __init__(self, key, first, second):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many values the document holds once aliases are expanded, counted without expanding them; stops
+    counting past `limit`. A recursive alias counts as past it."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            return limit + 1
+        busy.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child)
+                if total > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > limit:
+                    break
+        busy.discard(key)
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    return size(node)
+
+
 def load_yaml_file(path: str | os.PathLike[str]) -> Node:
-    """Parse a YAML file into a Node; a missing file or bad syntax is a ConfigError."""
+    """Parse a YAML file into a Node; a missing file, bad syntax, a file over the size limit, a document whose
+    aliases expand past MAX_VALUES values, or a key given twice is a ConfigError."""
     name = os.fspath(path)
+    limit = max_file_bytes()
     try:
         with open(name, "rb") as f:
-            raw = f.read()
+            raw = f.read(limit + 1)
     except OSError as exc:
         raise ConfigError(name, "", "a readable file", f"check the path ({exc.strerror})") from None
+    if len(raw) > limit:
+        raise ConfigError(name, "", f"a file of at most {limit:,} bytes",
+                          f"make it smaller, or raise {MAX_FILE_BYTES_ENV}", got="a larger one")
+    loader = _Loader(raw)
     try:
-        value = yaml.safe_load(raw)
+        document = loader.get_single_node()
+        if document is not None and _expanded_size(document, MAX_VALUES) > MAX_VALUES:
+            raise ConfigError(name, "", f"at most {MAX_VALUES:,} values once its aliases (*name) are expanded",
+                              "write the values out, or use fewer aliases of aliases")
+        value = loader.construct_document(document) if document is not None else None
+    except _Duplicate as dup:
+        raise ConfigError(name, f"line {dup.second.line + 1}", f"each key once in a mapping; `{dup.key}` is also on "
+                          f"line {dup.first.line + 1}", "keep one of them (YAML would silently use the last)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(name, where, "valid YAML", f"fix the syntax ({problem})") from None
+    finally:
+        loader.dispose()
     return Node(name, "", {} if value is None else value)

@@ -51,6 +51,13 @@ async def answers_ok(listen: Listen, path: str) -> bool:
         writer.close()
 
 
+# aiohttp servers behind nginx: never refuse, at the HTTP level, a request nginx passed (nginx's own limits are
+# 8 KB a header line, 32 KB of headers), and never decode a body's Content-Encoding in the parser, whose errors
+# are plain-text 400s that end the connection: the app decides about encodings (proxycore/body.py).
+BEHIND_NGINX: dict[str, Any] = {"auto_decompress": False, "max_line_size": 16384, "max_field_size": 16384,
+                                "max_headers": 1024}
+
+
 class ListenError(Exception):
     """The address cannot be listened on; the message is one line that says which and why."""
 
