@@ -64,7 +64,8 @@ EMBEDDING_DIMS = 16
 LAST_REQUESTS_KEPT = 50
 DIE_AFTER_CHUNKS = 2
 KEEPALIVE_TIMEOUT_S = 5.0  # uvicorn's default, which vLLM keeps (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
-MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang", "invalid-500", "no-stream-usage")
+MODES = ("normal", "error-500", "error-429", "garbage", "die-mid-stream", "hang", "invalid-500", "no-stream-usage",
+         "broken-body", "bad-usage")
 FINGERPRINT = "fp_fakevllm"  # what vLLM puts in system_fingerprint (vllm/entrypoints/openai/fingerprint.py)
 
 WORDS = (
@@ -417,6 +418,12 @@ async def _fault_response(fake: FakeVLLM, request: web.Request, streaming: bool)
         return VllmError(429, "Too many requests, please retry later.", "Too Many Requests").response()
     if mode == "garbage":
         return web.Response(body=GARBAGE_BODY, content_type="application/json")
+    if mode == "broken-body":  # a JSON 200 whose body breaks off: Content-Length promises more than comes
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "4096"})
+        await response.prepare(request)
+        await response.write(GARBAGE_BODY[:40])
+        _drop_connection(request)
+        return response
     if mode == "hang":
         await asyncio.Event().wait()  # until the client goes away or the server stops
     if mode == "die-mid-stream" and not streaming:
@@ -1061,6 +1068,15 @@ async def fake_reset(request: web.Request) -> web.Response:
 # --- app -------------------------------------------------------------------------------------
 
 
+def _with_bad_usage(response: web.Response) -> web.Response:
+    """A non-streamed answer whose usage is impossible (negative), as a broken backend might report it."""
+    body = _parse_or_none(response.body if isinstance(response.body, bytes) else b"")
+    if not isinstance(body, dict) or not isinstance(body.get("usage"), dict):
+        return response
+    body["usage"] = {**body["usage"], "prompt_tokens": -5, "completion_tokens": -1}
+    return _json(body)
+
+
 def _authorized(api_key: str, request: web.Request) -> bool:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
@@ -1090,6 +1106,8 @@ async def _serve(request: web.Request, handler: Any) -> web.StreamResponse:
             response = _json({"detail": "Not Found"}, status=404)
         else:
             response = await handler(request)
+            if fake.config.mode == "bad-usage" and isinstance(response, web.Response) and response.status == 200:
+                response = _with_bad_usage(response)
     except VllmError as error:
         if error.status == 400 and fake.config.mode == "invalid-500":
             # llama-cpp-python answers a request it cannot validate (a bad schema, a wrong type) with a 500

@@ -335,6 +335,7 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
                 headers["Content-Type"] = ex.content_type
             _hold(ex, dep, now)
             first_byte = dep.stream_first_byte_timeout if ex.stream else dep.first_byte_timeout
+            resp = None
             try:
                 resp = await session.request("POST", dep.urls[ex.upstream_path], headers=headers, body=payload,
                                              connect_timeout=dep.connect_timeout, first_byte_timeout=first_byte,
@@ -357,6 +358,11 @@ async def _call_upstream(request: web.Request, served: ServedConfig, raw: bytes,
                                 "backend_timeout")
                 _attempt_failed(served, ex, "timeout", f"{dep.d.api_base} sent nothing within {first_byte:g} s")
             except UpstreamError as exc:
+                if resp is not None:  # the head came, the body broke off
+                    last = ApiError(502, f"Deployment `{dep.d.id}` of `{g.name}` broke off its answer: "
+                                    f"{type(exc).__name__}.", "backend_invalid_response")
+                    _attempt_failed(served, ex, "broken_response", f"{dep.d.api_base} broke off its answer")
+                    continue
                 last = ApiError(503, f"Could not reach deployment `{dep.d.id}` of `{g.name}`: "
                                 f"{type(exc).__name__}.", "backend_unreachable")
                 _attempt_failed(served, ex, "connect", f"cannot connect to {dep.d.api_base}: {type(exc).__name__}")
@@ -441,7 +447,12 @@ async def _relay_stream(request: web.Request, served: ServedConfig, raw: bytes, 
     dep_id = ex.deployment.d.id
     try:
         if resp.status != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
-            raw = await resp.read()
+            try:
+                raw = await resp.read()
+            except UpstreamError as exc:
+                _attempt_failed(served, ex, "broken_response", f"{ex.deployment.d.api_base} broke off its answer")
+                raise ApiError(502, f"Deployment `{dep_id}` broke off its answer: {type(exc).__name__}.",
+                               "backend_invalid_response") from None
             if resp.status == 200:
                 _attempt_failed(served, ex, "invalid_response", f"{ex.deployment.d.api_base} answered a stream without SSE")
                 raise ApiError(502, f"Deployment `{dep_id}` answered a stream request without an event stream.",

@@ -136,6 +136,30 @@ def test_garbage_from_the_backend_is_502(gw):
     still_serving(gw)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_that_breaks_off_is_502_never_500(gw, stream):
+    http("POST", gw["backend"].removesuffix("/v1") + "/fake/config", {"mode": "broken-body"})
+    assert_openai_error(post(gw, {**GOOD, "stream": stream}), 502, "backend_invalid_response")
+    http("POST", gw["backend"].removesuffix("/v1") + "/fake/config", {"mode": "normal"})
+    still_serving(gw)
+
+
+def test_impossible_usage_from_a_backend_is_its_error_and_the_answer_still_arrives(spawn, tmp_path):
+    _, api_base = start_fake_vllm(spawn)
+    cfg = write_config(tmp_path / "config.yaml", [{"model_name": MODEL, "api_base": api_base}])
+    log = tmp_path / "usage.jsonl"
+    proxy, base = start_proxy(spawn, cfg, "--usage-log", str(log))
+    http("POST", api_base.removesuffix("/v1") + "/fake/config", {"mode": "bad-usage"})
+    r = http("POST", base + "/v1/chat/completions", GOOD, AUTH)
+    assert r.status == 200 and r.json()["usage"]["prompt_tokens"] == -5  # passed on as the backend sent it
+    assert wait_until(lambda: log.exists() and log.read_text().count("\n") == 1)
+    line = json.loads(log.read_text())
+    assert line["status"] == 200 and line["usage_source"] == "estimated" and line["prompt_tokens"] > 0
+    metrics = http("GET", base + "/metrics").text
+    assert 'llmgate_backend_errors_total{deployment="llama-3.1-8b-instruct/0",kind="bad_usage"} 1.0' in metrics
+    assert "reported impossible usage" in proxy.output
+
+
 def test_backend_429_surfaces_as_rate_limit_error_in_the_sdk(gw):
     http("POST", gw["backend"].removesuffix("/v1") + "/fake/config", {"mode": "error-429"})
     c = openai.OpenAI(base_url=gw["base"] + "/v1", api_key=MASTER_KEY, max_retries=0)
