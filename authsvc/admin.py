@@ -51,6 +51,7 @@ def register_admin_routes(app: web.Application, store: Callable[[], Store | None
     r = app.router
     r.add_post("/key/generate", _api(key_generate))
     r.add_get("/key/info", _api(key_info))
+    r.add_post("/v2/key/info", _api(key_info_v2))
     r.add_post("/key/update", _api(key_update))
     r.add_post("/key/delete", _api(key_delete))
     r.add_get("/key/list", _api(key_list))
@@ -232,11 +233,26 @@ async def key_generate(request: web.Request, store: Store) -> web.Response:
 async def key_info(request: web.Request, store: Store) -> web.Response:
     key = request.query.get("key")
     if key is None:
-        raise bad("key", "Give the key: /key/info?key=sk-... (or its sha256 hex).")
+        raise bad("key", "Give the key: /key/info?key=<its sha256 hex> (or sk-...), or POST /v2/key/info with "
+                  '{"keys": ["sk-..."]}, which keeps the key out of URLs and logs.')
     record = await run_db(store.key_by_hash, _key_hash_of(key, "key"))
     if record is None:
         raise AdminError(404, "No such key.", "key_not_found", "key")
     return _json({"key": key, "info": record.to_info()})
+
+
+async def key_info_v2(request: web.Request, store: Store) -> web.Response:
+    """LiteLLM's POST /v2/key/info: the keys in the body, not in the URL (where proxies and logs would keep them)."""
+    keys = (await _json_object(request)).get("keys")
+    if not isinstance(keys, list) or not keys or len(keys) > KEY_LIST_MAX_SIZE:
+        raise bad("keys", f"/v2/key/info needs 'keys': a list of 1 to {KEY_LIST_MAX_SIZE} keys (sk-... or sha256 hex).")
+    infos = []
+    for i, key in enumerate(keys):
+        record = await run_db(store.key_by_hash, _key_hash_of(key, f"keys[{i}]"))
+        if record is None:
+            raise AdminError(404, f"No such key: keys[{i}].", "key_not_found", "keys")
+        infos.append(record.to_info())
+    return _json({"key": keys, "info": infos})
 
 
 async def key_update(request: web.Request, store: Store) -> web.Response:

@@ -228,6 +228,29 @@ def launch_gateway(spawn, directory: Path, env: dict[str, str] | None = None) ->
     return svc
 
 
+DB_GATEWAY_STATIC_KEY = "sk-db-mode-static-team-key-0123"
+
+
+def gateway_with_db(spawn, tmp_path: Path, url: str, name: str = "gw") -> Gateway:
+    """`llmgate up` in DB mode (`database_url`), with models llama-3.1-8b-instruct (priced) and other, and one
+    static team key, DB_GATEWAY_STATIC_KEY."""
+    _, llama = start_fake_vllm(spawn)
+    _, other = start_fake_vllm(spawn, model="other")
+    directory = tmp_path / name
+    directory.mkdir()
+    teams = f"  static-team:\n    keys: [sha256:{sha256_hex(DB_GATEWAY_STATIC_KEY)}]\n"
+    deployments = [
+        {"model_name": "llama-3.1-8b-instruct", "api_base": llama,
+         "model_info": {"input_cost_per_token": 0.01, "output_cost_per_token": 0.01}},
+        {"model_name": "other", "api_base": other, "model": "hosted_vllm/other"}]
+    gw = start_gateway(spawn, directory, teams, deployments=deployments)
+    # the same gateway, now with the key database: restart it on the new config
+    write_config(gw.config, deployments, general={"database_url": url})
+    gw.svc.stop()
+    gw.svc = launch_gateway(spawn, directory)
+    return gw
+
+
 def sha256_hex(text: str) -> str:
     import hashlib
 

@@ -10,32 +10,10 @@ import time
 import openai
 import pytest
 
-from support import MASTER_KEY, database, http, sha256_hex, start_fake_vllm, start_gateway, wait_until, write_config
+from support import DB_GATEWAY_STATIC_KEY as STATIC
+from support import MASTER_KEY, database, gateway_with_db, http, sha256_hex, wait_until
 
-STATIC = "sk-db-mode-static-team-key-0123"
-TEAMS = f"""  static-team:
-    keys: [sha256:{sha256_hex(STATIC)}]
-"""
 MODEL = "llama-3.1-8b-instruct"
-
-
-def gateway_with_db(spawn, tmp_path, url: str, name: str = "gw"):
-    _, llama = start_fake_vllm(spawn)
-    _, other = start_fake_vllm(spawn, model="other")
-    directory = tmp_path / name
-    directory.mkdir()
-    gw = start_gateway(spawn, directory, TEAMS, deployments=[
-        {"model_name": MODEL, "api_base": llama, "model_info": {"input_cost_per_token": 0.01, "output_cost_per_token": 0.01}},
-        {"model_name": "other", "api_base": other, "model": "hosted_vllm/other"}])
-    # the same gateway, now with the key database: restart it on the new config
-    write_config(gw.config, [
-        {"model_name": MODEL, "api_base": llama, "model_info": {"input_cost_per_token": 0.01, "output_cost_per_token": 0.01}},
-        {"model_name": "other", "api_base": other, "model": "hosted_vllm/other"}], general={"database_url": url})
-    gw.svc.stop()
-    from support import launch_gateway
-
-    gw.svc = launch_gateway(spawn, directory)
-    return gw
 
 
 def admin(gw, method: str, path: str, body=None, key: str = MASTER_KEY):
