@@ -39,7 +39,7 @@ from proxycore.body import (
 )
 from proxycore.endpoints import ENDPOINTS, Endpoint
 from proxycore.errors import ApiError, error_response, is_openai_error, upstream_error_message
-from proxycore.limits import Charge, admit_key, admit_team, check_model, estimate_prompt_tokens
+from proxycore.limits import Charge, admit_key, admit_team, check_model, check_request_bounds, estimate_prompt_tokens
 from proxycore.live import LiveConfig, ServedConfig, authenticate
 from proxycore.meters import Meters
 from proxycore.router import DeploymentState, ModelGroup, pick_deployment
@@ -163,6 +163,11 @@ async def proxy_inference(request: web.Request, endpoint: Endpoint, upstream_pat
         check_model(served, team, ex.model)
         meters = app.get(METERS)
         policy = served.teams.get(team) if team else None
+        cap = check_request_bounds(policy, body, endpoint.generates)
+        if cap is not None and ex.boundary is None:  # the team's cap, where the request set no limit of its own
+            field = "max_output_tokens" if endpoint.kind == "responses" else "max_tokens"
+            raw = rewrite(raw, {}, {field: b"%d" % cap})
+            body[field] = cap
         if policy is not None and meters is not None:
             ex.charges.append(admit_team(meters, policy, body, prompt_bytes, endpoint.generates))
         if ex.key_policy is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from controller.model.teams import Budget, Team
+from controller.model.teams import DEFAULT_MAX_N, Budget, Team
 from controller.model.usage_record import month_id, next_month
 from controller.model.wire import KeyPolicy
 from proxycore import metrics
@@ -64,6 +64,41 @@ def tokens_up_front(body: dict, prompt_bytes: int, generates: bool) -> int:
         return estimate_prompt_tokens(prompt_bytes)
     limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
     return estimate_prompt_tokens(prompt_bytes) + (limit if isinstance(limit, int) else DEFAULT_COMPLETION_ESTIMATE)
+
+
+TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _lax_int(value: object) -> int | None:
+    """A whole number as vLLM reads one (5, 5.0, "5"); None for anything else, which is the backend's to refuse."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is str and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def check_request_bounds(team: Team | None, body: dict, generates: bool) -> int | None:
+    """One request's own bounds (400): at most `max_n` choices, and at most the team's `max_tokens`. Returns the
+    team's cap when the request sets no token limit at all, for the caller to add; else None."""
+    max_n = team.max_n if team is not None else DEFAULT_MAX_N
+    who = f"team `{team.name}`" if team is not None else "this gateway"
+    for field in ("n", "best_of"):
+        n = _lax_int(body.get(field))
+        if n is not None and n > max_n:
+            raise ApiError(400, f"`{field}` is {n}; {who} allows at most {max_n} choices per request "
+                           "(max_n in teams.yaml).", "max_n_exceeded", field)
+    if team is None or team.max_tokens is None or not generates:
+        return None
+    cap = team.max_tokens
+    asked = [(f, _lax_int(body.get(f))) for f in TOKEN_LIMIT_FIELDS if body.get(f) is not None]
+    for field, value in asked:
+        if value is not None and value > cap:
+            raise ApiError(400, f"`{field}` is {value}; team `{team.name}` allows at most {cap} tokens per request "
+                           "(max_tokens in teams.yaml).", "max_tokens_exceeded", field)
+    return None if asked else cap
 
 
 def check_model(served: ServedConfig, team: str | None, model: str) -> None:

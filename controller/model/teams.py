@@ -45,6 +45,9 @@ class Budget:
     usd_per_month: float | None = None
 
 
+DEFAULT_MAX_N = 16  # choices per request (`n`) unless a team says otherwise: one request, bounded work
+
+
 @dataclass(frozen=True)
 class Team:
     name: str
@@ -57,6 +60,8 @@ class Team:
     budget: Budget | None = None
     dedicated: bool = False  # served by a proxycore process of its own
     dedicated_listen: Listen | None = None  # where that process listens (given, assigned at load, or a socket)
+    max_n: int = DEFAULT_MAX_N  # choices (`n`, `best_of`) one request may ask for
+    max_tokens: int | None = None  # tokens one request may generate; None: no cap
 
     @property
     def var_name(self) -> str:
@@ -155,7 +160,7 @@ class TeamsConfig:
 
 _GATEWAY_KEYS = {"listen", "key_lookup", "log_dir", "max_body", "internal_key", "proxy_listen", "auth_listen",
                  "workers", "nginx_workers", "server_names", "tls", "ip_rpm", "ip_burst"}
-_TEAM_KEYS = {"keys", "rpm", "burst", "tpm", "models", "domains", "budget", "dedicated"}
+_TEAM_KEYS = {"keys", "rpm", "burst", "tpm", "models", "domains", "budget", "dedicated", "max_n", "max_tokens"}
 
 
 def load_teams(path: str | os.PathLike[str]) -> TeamsConfig:
@@ -397,4 +402,6 @@ def _parse_team(name: str, node: Node) -> Team:
         budget=budget,
         dedicated=dedicated,
         dedicated_listen=dedicated_listen,
+        max_n=node.opt("max_n", scalars.whole_in(1, 1024), DEFAULT_MAX_N),
+        max_tokens=node.opt("max_tokens", scalars.whole_in(1, 10**8)),
     )
