@@ -146,3 +146,39 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_non_json_error(spawn, tmp_path):
     assert sum(seen.values()) >= 2000 and seen.get(200, 0) > 0, seen
     logs = gw.svc.output + "".join(p.read_text(errors="replace") for p in gw.log_dir.glob("*.log"))
     assert "Traceback" not in logs
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no HTTP library would write them) and read the whole answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        answer = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def test_what_nginx_refuses_by_itself_is_openai_json_too(spawn, tmp_path):
+    gw = start_gateway(spawn, tmp_path, TEAMS)
+    auth = f"Authorization: Bearer {VICTIM}\r\n"
+    cases = {
+        400: b"GARBAGE\r\n\r\n",
+        414: b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        431: b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n",
+        501: (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: gzip\r\n"
+              "Connection: close\r\n\r\n").encode(),
+        505: b"GET /v1/models HTTP/2.5\r\nHost: x\r\n\r\n",
+    }
+    for status, data in cases.items():
+        got, headers, body = raw_exchange(gw.port, data)
+        assert got == status, (status, got, body[:200])
+        assert headers.get("content-type", "").startswith("application/json") and is_openai_error(body), (status, body)
+    assert "Traceback" not in gw.svc.output

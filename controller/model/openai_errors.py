@@ -14,8 +14,12 @@ ERROR_TYPES = {
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     421: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     499: "client_closed_request",
     500: "server_error",
@@ -65,4 +69,14 @@ EDGE_ERRORS = {
                                                                    "is not cached; retry shortly."),
     "gateway_unavailable": EdgeError(503, "gateway_unavailable", "The gateway could not reach its model service. "
                                                                  "Retry shortly."),
+    # what nginx refuses while it reads a request, before any location: JSON too, never its HTML pages
+    "bad_request": EdgeError(400, "bad_request", "The request is not valid HTTP (its request line, headers or "
+                                                 "chunked body)."),
+    "method_not_allowed": EdgeError(405, "method_not_allowed", "This method is not allowed here."),
+    "request_timeout": EdgeError(408, "request_timeout", "The request was not sent in time."),
+    "uri_too_long": EdgeError(414, "uri_too_long", "The request URI is too long."),
+    "headers_too_large": EdgeError(431, "headers_too_large", "The request headers are too large (8 KB a line)."),
+    "not_implemented": EdgeError(501, "not_implemented", "This transfer encoding or method is not "
+                                                         "supported."),
+    "http_version_not_supported": EdgeError(505, "http_version_not_supported", "Use HTTP/1.0, HTTP/1.1 or HTTP/2."),
 }
